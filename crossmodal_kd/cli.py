@@ -1,0 +1,124 @@
+"""``crossmodal-kd`` command line: run, eval, data build/check, list."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from crossmodal_kd import load_components
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    load_components()
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line for users; --verbose keeps the traceback
+        if args.verbose:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crossmodal-kd", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log more, and show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train every stage of a config")
+    add_run_arguments(r)
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("eval", help="evaluate the saved models of a run directory on val and test")
+    e.add_argument("run_dir")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("data", help="build or check a dataset")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    for name, func, text in (("build", cmd_data_build, "build (or verify) a dataset's cache"), ("check", cmd_data_check, "report missing/unreadable files")):
+        q = dsub.add_parser(name, help=text)
+        q.add_argument("name")
+        q.add_argument("--root", default="data")
+        q.add_argument("--set", dest="params", action="append", default=[], metavar="KEY=VALUE", help="dataset parameter")
+        q.set_defaults(func=func)
+
+    ls = sub.add_parser("list", help="list registered components")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config")
+    p.add_argument("--output-dir", help="run directory (default: config's output_dir or runs/<config name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted path)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in its directory")
+    p.add_argument("--fast-dev-run", action="store_true", help="every stage on a couple of batches (plumbing check)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from crossmodal_kd.config import load_config
+    from crossmodal_kd.engine.trainer import Runner
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.output_dir or cfg.output_dir or Path("runs") / Path(args.config).stem)
+    Runner(cfg, run_dir, resume=args.resume, fast_dev_run=args.fast_dev_run, progress=not args.no_progress).run()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from crossmodal_kd.engine.evaluate import evaluate_run
+    from crossmodal_kd.engine.report import results_table
+
+    metrics = evaluate_run(Path(args.run_dir))
+    print(results_table(metrics))
+    return 0
+
+
+def _dataset(args: argparse.Namespace):
+    import yaml
+
+    from crossmodal_kd.data import build_dataset
+
+    params = {}
+    for item in args.params:
+        key, _, value = item.partition("=")
+        params[key] = yaml.safe_load(value)
+    return build_dataset(args.name, args.root, params, where="--set")
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    ds = _dataset(args)
+    if not hasattr(ds, "build"):
+        print(f"dataset '{args.name}' is not built by this tool; see datasets/{args.name}/README.md")
+        return 1
+    path = ds.build()
+    print(f"{args.name}: ready at {path}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    problems = _dataset(args).check()
+    for p in problems:
+        print(p)
+    print(f"{args.name}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from crossmodal_kd.registry import ALL_REGISTRIES
+
+    print(json.dumps({k: r.list() for k, r in ALL_REGISTRIES.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

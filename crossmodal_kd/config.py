@@ -1,0 +1,207 @@
+"""Run configuration: YAML -> typed, validated schema. Unknown keys are errors that name their path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the key path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class Component(Strict):
+    """A registry name plus the keyword arguments for its factory."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelRef(Strict):
+    """Where a trained model comes from: a stage of this run, or a checkpoint file of another run."""
+
+    stage: str | None = None
+    model: str = "model"
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelRef":
+        if (self.stage is None) == (self.path is None):
+            raise ValueError("give exactly one of 'stage' (a stage of this run) or 'path' (a model file)")
+        return self
+
+
+class DataConfig(Strict):
+    name: str = "avdigits"
+    root: str = "data"
+    params: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(128, gt=0, description="global batch size, split across processes")
+    eval_batch_size: int = Field(512, gt=0)
+    num_workers: int = Field(0, ge=0)
+    pin_memory: bool = True
+
+
+class AcceleratorConfig(Strict):
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    cpu: bool = False
+    find_unused_parameters: bool = True
+    keep_checkpoints: int = Field(2, ge=1, description="epoch checkpoints kept per stage")
+
+
+class SelectionConfig(Strict):
+    """Model selection on the validation split (never on test)."""
+
+    metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
+
+    @property
+    def mode(self) -> str:
+        return "min" if self.metric == "loss" else "max"
+
+
+class StageConfig(Strict):
+    name: str
+    method: Component
+    epochs: int = Field(10, ge=1)
+    optimizer: Component = Field(default_factory=lambda: Component(name="adamw", params={"lr": 1e-3}))
+    scheduler: Component = Field(default_factory=lambda: Component(name="cosine"))
+    grad_clip_norm: float | None = Field(None, gt=0)
+    select: SelectionConfig = Field(default_factory=SelectionConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_" for c in v):
+            raise ValueError(f"stage name '{v}' must be non-empty and use only letters, digits, '-' and '_'")
+        return v
+
+
+class RunConfig(Strict):
+    imports: list[str] = Field(default_factory=list, description="user modules/files that register components")
+    seed: int = 0
+    output_dir: str | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    accelerator: AcceleratorConfig = Field(default_factory=AcceleratorConfig)
+    networks: dict[str, Component] = Field(default_factory=dict)
+    stages: list[StageConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> "RunConfig":
+        seen: set[str] = set()
+        for stage in self.stages:
+            if stage.name in seen:
+                raise ValueError(f"duplicate stage name '{stage.name}'")
+            seen.add(stage.name)
+        return self
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ConfigError(f"no stage named '{name}'; stages: {', '.join(s.name for s in self.stages)}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (following ``base:`` includes), apply ``a.b=c`` overrides and validate."""
+    path = Path(path)
+    raw = _read_with_bases(path, chain=())
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{source}: {_loc(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid config\n  " + "\n  ".join(lines)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``dotted.key=value`` in ``raw``; the value is parsed as YAML; list items by index."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}': expected dotted.key=value")
+    key, value_text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set '{item}': value is not valid YAML: {exc}") from None
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, create=True, where=".".join(parts[: i + 1]))
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _child(node: Any, part: str, *, create: bool, where: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, where)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set: '{where}' is not a mapping")
+    if part not in node:
+        if not create:
+            raise ConfigError(f"--set: no key '{where}'")
+        node[part] = {}
+    return node[part]
+
+
+def _index(node: list, part: str, where: str) -> int:
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise ConfigError(f"--set: '{where}': list index '{part}' out of range (0..{len(node) - 1})")
+    return int(part)
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: circular 'base:' include")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    bases = [base] if isinstance(base, str) else base
+    merged: dict[str, Any] = {}
+    for b in bases:
+        merged = deep_merge(merged, _read_with_bases((path.parent / b), chain + (path.resolve(),)))
+    return deep_merge(merged, raw)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Merge mappings recursively; lists and scalars in ``top`` replace those in ``base``."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "(root)"

@@ -1,0 +1,1 @@
+"""The one training loop (Accelerate), checkpoints, metrics and run reports."""

@@ -1,0 +1,111 @@
+"""What a method needs to build itself: the run's networks, the data's shapes, and trained models by reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from crossmodal_kd.config import ConfigError, ModelRef, RunConfig
+from crossmodal_kd.io import atomic_torch_save
+from crossmodal_kd.registry import ALL_REGISTRIES
+
+MODEL_FILE_FORMAT = 1
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / "stages" / stage
+
+
+def model_path(run_dir: Path, stage: str, model: str) -> Path:
+    return stage_dir(run_dir, stage) / "models" / f"{model}.pt"
+
+
+def attach_spec(module: nn.Module, registry: str, name: str, params: Mapping[str, Any], context: Mapping[str, Any]) -> nn.Module:
+    """Remember how ``module`` was built so a saved file can rebuild it without the config."""
+    module.build_spec = {"registry": registry, "name": name, "params": dict(params), "context": dict(context)}
+    return module
+
+
+def build_from_spec(spec: Mapping[str, Any], where: str) -> nn.Module:
+    registry = ALL_REGISTRIES[spec["registry"]]
+    context = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec["context"].items()}
+    if "input_shapes" in context:
+        context["input_shapes"] = {m: tuple(s) for m, s in context["input_shapes"].items()}
+    module = registry.build(spec["name"], spec["params"], where=where, **context)
+    return attach_spec(module, spec["registry"], spec["name"], spec["params"], spec["context"])
+
+
+def save_model(module: nn.Module, path: Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+    spec = getattr(module, "build_spec", None)
+    if spec is None:
+        raise TypeError(f"cannot save {type(module).__name__} to {path}: it was not built through a registry")
+    state = {k: v.detach().cpu() for k, v in (state_dict or module.state_dict()).items()}
+    atomic_torch_save({"format": MODEL_FILE_FORMAT, "spec": spec, "state_dict": state}, path)
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Rebuild a saved model from its file alone (teachers are loaded by path in later stages)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated/corrupt pickles
+        raise RuntimeError(f"{path}: unreadable model file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FILE_FORMAT:
+        raise RuntimeError(f"{path}: not a crossmodal_kd model file (format {MODEL_FILE_FORMAT})")
+    module = build_from_spec(blob["spec"], where=str(path))
+    module.load_state_dict(blob["state_dict"])
+    return module
+
+
+@dataclass
+class BuildContext:
+    """Handed to every method constructor."""
+
+    config: RunConfig
+    run_dir: Path
+    input_shapes: dict[str, tuple[int, ...]]
+    num_classes: int
+    sample_batch: dict[str, torch.Tensor] = field(repr=False)
+    where: str = ""
+
+    def network(self, name: str) -> nn.Module:
+        """A freshly initialised network from the run's ``networks:`` section."""
+        from crossmodal_kd.models.networks import build_network
+
+        if name not in self.config.networks:
+            raise ConfigError(
+                f"{self.where}: unknown network '{name}'; defined under networks: {', '.join(self.config.networks) or '(none)'}"
+            )
+        spec = self.config.networks[name]
+        context = {"input_shapes": self.input_shapes, "num_classes": self.num_classes}
+        net = build_network(spec.name, spec.params, self.input_shapes, self.num_classes, where=f"networks.{name}")
+        return attach_spec(net, "networks", spec.name, spec.params, context)
+
+    def ref(self, value: Any, key: str) -> ModelRef:
+        try:
+            return value if isinstance(value, ModelRef) else ModelRef.model_validate(value)
+        except ValidationError as exc:
+            msg = "; ".join(e["msg"] for e in exc.errors())
+            raise ConfigError(f"{self.where}.{key}: invalid model reference {value!r}: {msg}") from None
+
+    def resolve(self, ref: ModelRef | Mapping[str, Any], key: str = "model") -> Path:
+        ref = self.ref(ref, key)
+        if ref.path is not None:
+            return Path(ref.path)
+        names = [s.name for s in self.config.stages]
+        if ref.stage not in names:
+            raise ConfigError(f"{self.where}.{key}: no stage named '{ref.stage}'; stages: {', '.join(names)}")
+        return model_path(self.run_dir, ref.stage, ref.model)
+
+    def load(self, ref: ModelRef | Mapping[str, Any], key: str = "model") -> nn.Module:
+        path = self.resolve(ref, key)
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.where}.{key}: model file {path} does not exist (has its stage run?)")
+        return load_model(path)

@@ -1,0 +1,377 @@
+"""The one training loop. A run is a list of stages; each stage trains one method with Accelerate.
+
+Run directory::
+
+    config.yaml          resolved config          metrics.json   {"stages": {stage: {"models": {m: {"val", "test"}}}}}
+    environment.json     seed, world size, versions
+    log.jsonl            every epoch of every stage
+    stages/<stage>/      log.jsonl, curves.png, result.json (marks the stage done),
+                         models/<model>.pt (best on validation), checkpoints/epoch_*/ (while training)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from crossmodal_kd.config import RunConfig, StageConfig, dump_config
+from crossmodal_kd.data import DataSplits, EpochSampler, build_dataset, collate_batch
+from crossmodal_kd.engine.checkpoint import latest_good_checkpoint, load_trainer_state, save_checkpoint
+from crossmodal_kd.engine.context import BuildContext, model_path, save_model, stage_dir
+from crossmodal_kd.engine.metrics import classification_metrics
+from crossmodal_kd.engine.report import plot_curves, read_jsonl, results_table, write_jsonl
+from crossmodal_kd.io import atomic_write_json, atomic_write_text
+from crossmodal_kd.registry import METHODS, OPTIMIZERS, SCHEDULERS, import_plugins
+
+log = logging.getLogger(__name__)
+FAST_DEV_BATCHES = 2
+MIN_FREE_BYTES = 200 * 2**20
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on (non-finite loss, unusable output directory, ...); the message says why."""
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    """A fresh Accelerator for ``cfg`` (the singleton state is reset, the process group kept)."""
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state()
+    acc = cfg.accelerator
+    return Accelerator(
+        mixed_precision=acc.mixed_precision,
+        gradient_accumulation_steps=acc.gradient_accumulation_steps,
+        cpu=acc.cpu,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=acc.find_unused_parameters)],
+    )
+
+
+class Runner:
+    """Runs every stage of ``cfg`` in ``run_dir``; finished stages are skipped on ``resume``."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        fast_dev_run: bool = False,
+        progress: bool = True,
+    ) -> None:
+        import_plugins(cfg.imports)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.resume, self.fast_dev_run = resume, fast_dev_run
+        self.accelerator = make_accelerator(cfg)
+        self.progress = progress and self.accelerator.is_local_main_process
+        if cfg.data.batch_size % self.accelerator.num_processes:
+            raise TrainingError(
+                f"data.batch_size={cfg.data.batch_size} is the global batch and must be divisible by the "
+                f"{self.accelerator.num_processes} processes"
+            )
+        self.data: DataSplits | None = None
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict[str, Any]:
+        self._prepare_run_dir()
+        self.data = self._load_data()
+        metrics = {"stages": {}}
+        for index, stage in enumerate(self.cfg.stages):
+            metrics["stages"][stage.name] = self.run_stage(index, stage)
+            if self.accelerator.is_main_process:
+                atomic_write_json(self.run_dir / "metrics.json", metrics)
+                write_jsonl(self.run_dir / "log.jsonl", [r for s in self.cfg.stages for r in read_jsonl(stage_dir(self.run_dir, s.name) / "log.jsonl")])
+        if self.accelerator.is_main_process:
+            print(f"\nResults ({self.run_dir}):\n{results_table(metrics)}")
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def _prepare_run_dir(self) -> None:
+        acc = self.accelerator
+        cfg_file = self.run_dir / "config.yaml"
+        if acc.is_main_process:
+            if cfg_file.exists() and not self.resume:
+                raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --output-dir")
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.run_dir / ".write_probe"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as exc:
+                raise TrainingError(f"output directory {self.run_dir} is not writable: {exc.strerror}") from None
+            free = shutil.disk_usage(self.run_dir).free
+            if free < MIN_FREE_BYTES:
+                raise TrainingError(f"output directory {self.run_dir}: only {free / 2**20:.0f} MiB free on its disk")
+            atomic_write_text(cfg_file, dump_config(self.cfg))
+            atomic_write_json(self.run_dir / "environment.json", self._environment())
+        acc.wait_for_everyone()
+
+    def _environment(self) -> dict[str, Any]:
+        import accelerate
+
+        acc = self.accelerator
+        return {
+            "seed": self.cfg.seed,
+            "world_size": acc.num_processes,
+            "device": str(acc.device),
+            "mixed_precision": acc.mixed_precision,
+            "global_batch_size": self.cfg.data.batch_size,
+            "effective_batch_size": self.cfg.data.batch_size * self.cfg.accelerator.gradient_accumulation_steps,
+            "fast_dev_run": self.fast_dev_run,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "accelerate": accelerate.__version__},
+        }
+
+    def _load_data(self) -> DataSplits:
+        family = build_dataset(self.cfg.data.name, self.cfg.data.root, self.cfg.data.params)
+        with self.accelerator.main_process_first():
+            return family.load()
+
+    # ------------------------------------------------------------------ one stage
+    def run_stage(self, index: int, stage: StageConfig) -> dict[str, Any]:
+        sdir = stage_dir(self.run_dir, stage.name)
+        result_file = sdir / "result.json"
+        if result_file.is_file() and self.resume:
+            import json
+
+            log.info("stage %s already finished; skipping", stage.name)
+            return json.loads(result_file.read_text())
+        set_seed(self.cfg.seed + 1000 * index)
+        return StageTrainer(self, index, stage, sdir).train()
+
+    def loaders(self, stage_seed: int) -> dict[str, DataLoader]:
+        cfg, data = self.cfg.data, self.data
+        pin = cfg.pin_memory and torch.cuda.is_available()
+        common = {"collate_fn": collate_batch, "num_workers": cfg.num_workers, "pin_memory": pin}
+        return {
+            "train": DataLoader(data.train, batch_size=cfg.batch_size, sampler=EpochSampler(len(data.train), stage_seed), **common),
+            "val": DataLoader(data.val, batch_size=cfg.eval_batch_size, shuffle=False, **common),
+            "test": DataLoader(data.test, batch_size=cfg.eval_batch_size, shuffle=False, **common),
+        }
+
+
+class StageTrainer:
+    """Trains one stage: build the method, loop over epochs, select on validation, test once at the end."""
+
+    def __init__(self, runner: Runner, index: int, stage: StageConfig, sdir: Path) -> None:
+        self.runner, self.index, self.stage, self.dir = runner, index, stage, sdir
+        self.acc = runner.accelerator
+        self.fast = runner.fast_dev_run
+        self.epochs = 1 if self.fast else stage.epochs
+        self.log_file = sdir / "log.jsonl"
+        self.ckpt_root = sdir / "checkpoints"
+
+    def _build(self) -> None:
+        r, stage = self.runner, self.stage
+        loaders = r.loaders(r.cfg.seed + 1000 * self.index)
+        ctx = BuildContext(
+            config=r.cfg,
+            run_dir=r.run_dir,
+            input_shapes=r.data.input_shapes,
+            num_classes=r.data.num_classes,
+            sample_batch=next(iter(loaders["val"])),
+            where=f"stages[{self.index}].method.params",
+        )
+        method = METHODS.build(stage.method.name, stage.method.params, where=ctx.where, ctx=ctx)
+        params = [p for p in method.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingError(f"stage '{stage.name}': method '{stage.method.name}' has no trainable parameters")
+        optimizer = OPTIMIZERS.build(stage.optimizer.name, stage.optimizer.params, where=f"stages[{self.index}].optimizer.params", params=params)
+        batches = min(len(loaders["train"]), FAST_DEV_BATCHES) if self.fast else len(loaders["train"])
+        self.steps_per_epoch = math.ceil(batches / r.cfg.accelerator.gradient_accumulation_steps)
+        scheduler = SCHEDULERS.build(
+            stage.scheduler.name,
+            stage.scheduler.params,
+            where=f"stages[{self.index}].scheduler.params",
+            optimizer=optimizer,
+            total_steps=self.steps_per_epoch * self.epochs,
+        )
+        (self.method, self.optimizer, self.scheduler, self.train_loader, self.val_loader, self.test_loader) = self.acc.prepare(
+            method, optimizer, scheduler, loaders["train"], loaders["val"], loaders["test"]
+        )
+        self.core: Any = self.acc.unwrap_model(self.method)
+        for module in self.core.frozen_modules().values():
+            module.to(self.acc.device)
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        self._build()
+        state = {"epoch": -1, "best": {}}
+        if self.runner.resume and (ckpt := latest_good_checkpoint(self.ckpt_root)) is not None:
+            self.acc.load_state(str(ckpt))
+            state = load_trainer_state(ckpt)
+            log.info("stage %s: resumed after epoch %d from %s", self.stage.name, state["epoch"], ckpt)
+        rows = [r for r in read_jsonl(self.log_file) if r["epoch"] <= state["epoch"]]
+        started = time.perf_counter()
+        samples = 0
+        for epoch in range(state["epoch"] + 1, self.epochs):
+            t0 = time.perf_counter()
+            train_log, n = self._train_epoch(epoch)
+            samples += n
+            val = self.evaluate(self.val_loader, with_loss=self.stage.select.metric == "loss")
+            row = {"stage": self.stage.name, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **train_log}
+            row.update(_flatten_eval(val, "val"))
+            row["time_s"] = round(time.perf_counter() - t0, 3)
+            self._update_best(state, val, epoch)
+            state["epoch"] = epoch
+            rows.append(row)
+            if self.acc.is_main_process:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                write_jsonl(self.log_file, rows)
+            save_checkpoint(self.acc, self.ckpt_root, epoch, state, self.runner.cfg.accelerator.keep_checkpoints)
+        train_time = time.perf_counter() - started
+        return self._finish(state, rows, train_time, samples)
+
+    def _train_epoch(self, epoch: int) -> tuple[dict[str, float], int]:
+        acc, method = self.acc, self.method
+        method.train()
+        self.core.on_epoch_start(epoch)
+        self.train_loader.set_epoch(epoch)
+        sums: dict[str, torch.Tensor] = {}
+        count = torch.zeros((), device=acc.device)
+        limit = FAST_DEV_BATCHES if self.fast else None
+        bar = tqdm(total=limit or len(self.train_loader), desc=f"{self.stage.name} {epoch + 1}/{self.epochs}",
+                   disable=not self.runner.progress, leave=False)
+        for step, batch in enumerate(self.train_loader):
+            if limit is not None and step >= limit:
+                break
+            with acc.accumulate(method):
+                _, losses = method(batch)
+                loss = sum(losses.values())
+                self._check_finite(loss, losses, epoch, step)
+                acc.backward(loss)
+                if acc.sync_gradients and self.stage.grad_clip_norm:
+                    acc.clip_grad_norm_(method.parameters(), self.stage.grad_clip_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            bs = batch["label"].shape[0]
+            for k, v in {"loss": loss, **losses}.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() * bs
+            count += bs
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        total = acc.reduce(count, "sum")
+        out = {f"train/{k}": (acc.reduce(v, "sum") / total).item() for k, v in sums.items()}
+        out.update(self.core.epoch_info())
+        out.update(self._reduce_stats(self.core.pop_stats()))
+        return out, int(total.item())
+
+    def _check_finite(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.acc.num_processes > 1:
+            bad = self.acc.reduce(bad, "sum")
+        if bad.item() > 0:
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            last = latest_good_checkpoint(self.ckpt_root)
+            raise TrainingError(
+                f"stage '{self.stage.name}' epoch {epoch} step {step}: non-finite loss ({terms}); "
+                f"stopped. Last good checkpoint: {last or 'none yet'}. Lower the learning rate or check the data."
+            )
+
+    def _reduce_stats(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        reduced = {k: self.acc.reduce(v.to(self.acc.device), "sum") for k, v in sorted(stats.items())}
+        return self.core.summarize_stats({k: v.cpu() for k, v in reduced.items()})
+
+    # ------------------------------------------------------------------ evaluation & selection
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader, with_loss: bool = False) -> dict[str, Any]:
+        acc, core = self.acc, self.core
+        core.eval()
+        preds: dict[str, list[torch.Tensor]] = {}
+        labels: list[torch.Tensor] = []
+        loss_sum = torch.zeros((), device=acc.device)
+        n = torch.zeros((), device=acc.device)
+        for step, batch in enumerate(loader):
+            if self.fast and step >= FAST_DEV_BATCHES:
+                break
+            with acc.autocast():
+                logits = core.predict(batch)
+                if with_loss:
+                    _, losses = core(batch)
+                    loss_sum += sum(losses.values()).float() * batch["label"].shape[0]
+                    n += batch["label"].shape[0]
+            labels.append(acc.gather_for_metrics(batch["label"]).cpu())
+            for name, lg in logits.items():
+                preds.setdefault(name, []).append(acc.gather_for_metrics(lg.argmax(-1)).cpu())
+        core.pop_stats()  # statistics of evaluation batches are not training statistics
+        y = torch.cat(labels).numpy()
+        nc = self.runner.data.num_classes
+        out: dict[str, Any] = {"models": {m: classification_metrics(torch.cat(p).numpy(), y, nc) for m, p in preds.items()}}
+        if with_loss:
+            out["loss"] = (acc.reduce(loss_sum, "sum") / acc.reduce(n, "sum")).item()
+        return out
+
+    def _selection_value(self, val: dict[str, Any], model: str) -> float:
+        metric = self.stage.select.metric
+        return val["loss"] if metric == "loss" else val["models"][model][metric]
+
+    def _update_best(self, state: dict[str, Any], val: dict[str, Any], epoch: int) -> None:
+        sign = -1.0 if self.stage.select.mode == "min" else 1.0
+        for name, module in self.core.models().items():
+            value = self._selection_value(val, name)
+            best = state["best"].get(name)
+            if best is None or sign * value > sign * best["value"]:
+                state["best"][name] = {
+                    "value": value,
+                    "epoch": epoch,
+                    "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+                }
+
+    def _finish(self, state: dict[str, Any], rows: list[dict[str, Any]], train_time: float, samples: int) -> dict[str, Any]:
+        models = self.core.models()
+        for name, best in state["best"].items():
+            models[name].load_state_dict(best["state_dict"])
+        val = self.evaluate(self.val_loader)
+        test = self.evaluate(self.test_loader)
+        result = {
+            "models": {
+                name: {"val": val["models"][name], "test": test["models"][name], "best_epoch": state["best"][name]["epoch"]}
+                for name in models
+            },
+            "selection": {"split": "val", "metric": self.stage.select.metric},
+            "parameters": self.core.parameter_counts(),
+            "train_time_s": round(train_time, 2),
+            "train_samples_per_s": round(samples / train_time, 1) if train_time > 0 and samples else None,
+            "peak_memory_mb": _peak_memory_mb(self.acc.device),
+            "epochs": self.epochs,
+        }
+        if self.acc.is_main_process:
+            for name, module in models.items():
+                save_model(module, model_path(self.runner.run_dir, self.stage.name, name))
+            plot_curves(rows, self.dir / "curves.png", f"{self.stage.name} ({self.stage.method.name})")
+            atomic_write_json(self.dir / "result.json", result)
+            shutil.rmtree(self.ckpt_root, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.acc.free_memory()
+        return result
+
+
+def _flatten_eval(ev: dict[str, Any], split: str) -> dict[str, float]:
+    out = {}
+    for model, m in ev["models"].items():
+        out[f"{split}/{model}/accuracy"] = m["accuracy"]
+        out[f"{split}/{model}/macro_f1"] = m["macro_f1"]
+    if "loss" in ev:
+        out[f"{split}/loss"] = ev["loss"]
+    return out
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # process peak RSS on Linux

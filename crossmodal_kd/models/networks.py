@@ -1,0 +1,109 @@
+"""Networks: a whole classifier that reads a batch dict and returns ``{"logits", "features"}``.
+
+Students and teachers of every kind (unimodal, cross-modal, multimodal fusion) are networks; a
+"cross-modal teacher" is simply a unimodal network on the other modality.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from crossmodal_kd.registry import ENCODERS, NETWORKS
+
+
+class Network(nn.Module):
+    """Base class: ``forward(batch) -> {"logits": (B, C), "features": (B, D)}``; ``modalities`` it reads."""
+
+    modalities: tuple[str, ...] = ()
+    feature_dim: int = 0
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def build_network(
+    name: str, params: dict[str, Any], input_shapes: Mapping[str, Sequence[int]], num_classes: int, where: str = ""
+) -> Network:
+    return NETWORKS.build(name, params, where=where or f"networks.{name}", input_shapes=input_shapes, num_classes=num_classes)
+
+
+def _build_encoder(spec: Mapping[str, Any], modality: str, input_shapes: Mapping[str, Sequence[int]]) -> nn.Module:
+    if modality not in input_shapes:
+        raise KeyError(f"modality '{modality}' is not in this dataset; available: {', '.join(input_shapes)}")
+    if "name" not in spec:
+        raise ValueError(f"encoder spec for '{modality}' needs a 'name' (one of {', '.join(ENCODERS.list())})")
+    extra = set(spec) - {"name", "params"}
+    if extra:
+        raise ValueError(f"encoder spec for '{modality}': unknown key(s) {', '.join(sorted(extra))}; valid: name, params")
+    enc = ENCODERS.build(spec["name"], spec.get("params"), where=f"encoder {spec['name']}", input_shape=tuple(input_shapes[modality]))
+    if not isinstance(getattr(enc, "out_dim", None), int):
+        raise TypeError(f"encoder '{spec['name']}' must set an integer .out_dim on the module it returns")
+    return enc
+
+
+@NETWORKS.register("unimodal")
+class UnimodalNet(Network):
+    """One encoder on one modality, then a linear head."""
+
+    def __init__(
+        self,
+        input_shapes: Mapping[str, Sequence[int]],
+        num_classes: int,
+        modality: str,
+        encoder: Mapping[str, Any],
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.modalities = (modality,)
+        self.encoder = _build_encoder(encoder, modality, input_shapes)
+        self.feature_dim = self.encoder.out_dim
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, num_classes))
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        features = self.encoder(batch[self.modalities[0]])
+        return {"logits": self.head(features), "features": features}
+
+
+@NETWORKS.register("fusion")
+class FusionNet(Network):
+    """Intermediate fusion: one encoder per modality, concatenated features -> MLP -> logits.
+
+    ``modality_dropout``: during training, each sample has this probability of having one randomly
+    chosen modality's features zeroed, so one strong branch cannot drown the others.
+    """
+
+    def __init__(
+        self,
+        input_shapes: Mapping[str, Sequence[int]],
+        num_classes: int,
+        encoders: Mapping[str, Mapping[str, Any]],
+        hidden: int = 128,
+        dropout: float = 0.2,
+        modality_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(encoders) < 2:
+            raise ValueError(f"network 'fusion' needs at least two modalities, got {list(encoders)}")
+        self.modalities = tuple(encoders)
+        self.encoders = nn.ModuleDict({m: _build_encoder(spec, m, input_shapes) for m, spec in encoders.items()})
+        in_dim = sum(e.out_dim for e in self.encoders.values())
+        self.fusion = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.head = nn.Linear(hidden, num_classes)
+        self.feature_dim = hidden
+        self.modality_dropout = modality_dropout
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feats = [self.encoders[m](batch[m]) for m in self.modalities]
+        if self.training and self.modality_dropout > 0:
+            feats = self._drop_modalities(feats)
+        fused = self.fusion(torch.cat(feats, dim=1))
+        return {"logits": self.head(fused), "features": fused}
+
+    def _drop_modalities(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        b, n = feats[0].shape[0], len(feats)
+        drop = torch.rand(b, device=feats[0].device) < self.modality_dropout
+        which = torch.randint(n, (b,), device=feats[0].device)
+        return [f * ~(drop & (which == i)).unsqueeze(1) for i, f in enumerate(feats)]
