@@ -75,11 +75,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from crossmodal_kd.engine.evaluate import evaluate_run
+    from crossmodal_kd.config import load_config
     from crossmodal_kd.engine.report import results_table
+    from crossmodal_kd.engine.trainer import Runner
 
-    metrics = evaluate_run(Path(args.run_dir))
-    print(results_table(metrics))
+    run_dir = Path(args.run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    print(results_table(Runner(cfg, run_dir, resume=True).evaluate_saved()))
     return 0
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from crossmodal_kd.config import RunConfig, StageConfig, dump_config
 from crossmodal_kd.data import DataSplits, EpochSampler, build_dataset, collate_batch
 from crossmodal_kd.engine.checkpoint import latest_good_checkpoint, load_trainer_state, save_checkpoint
-from crossmodal_kd.engine.context import BuildContext, model_path, save_model, stage_dir
+from crossmodal_kd.engine.context import BuildContext, load_model, model_path, save_model, stage_dir
 from crossmodal_kd.engine.metrics import classification_metrics
 from crossmodal_kd.engine.report import plot_curves, read_jsonl, results_table, write_jsonl
 from crossmodal_kd.io import atomic_write_json, atomic_write_text
@@ -96,6 +96,19 @@ class Runner:
         if self.accelerator.is_main_process:
             print(f"\nResults ({self.run_dir}):\n{results_table(metrics)}")
         self.accelerator.wait_for_everyone()
+        return metrics
+
+    def evaluate_saved(self) -> dict[str, Any]:
+        """Re-evaluate the saved (best-on-validation) models of every finished stage on val and test."""
+        self.data = self._load_data()
+        metrics = {"stages": {}}
+        for index, stage in enumerate(self.cfg.stages):
+            sdir = stage_dir(self.run_dir, stage.name)
+            if not (sdir / "result.json").is_file():
+                log.warning("stage %s has not finished; skipped", stage.name)
+                continue
+            set_seed(self.cfg.seed + 1000 * index)
+            metrics["stages"][stage.name] = StageTrainer(self, index, stage, sdir).evaluate_saved()
         return metrics
 
     def _prepare_run_dir(self) -> None:
@@ -313,6 +326,17 @@ class StageTrainer:
         if with_loss:
             out["loss"] = (acc.reduce(loss_sum, "sum") / acc.reduce(n, "sum")).item()
         return out
+
+    def evaluate_saved(self) -> dict[str, Any]:
+        self._build()
+        out = {}
+        for name, module in self.core.models().items():
+            module.load_state_dict(load_model(model_path(self.runner.run_dir, self.stage.name, name)).state_dict())
+        val, test = self.evaluate(self.val_loader), self.evaluate(self.test_loader)
+        for name in self.core.models():
+            out[name] = {"val": val["models"][name], "test": test["models"][name]}
+        self.acc.free_memory()
+        return {"models": out}
 
     def _selection_value(self, val: dict[str, Any], model: str) -> float:
         metric = self.stage.select.metric

@@ -1,0 +1,46 @@
+"""MST-Distill stage 2: train one mask on one (teacher, layer), alone, toward the student's prediction."""
+
+from __future__ import annotations
+
+from crossmodal_kd.engine.context import BuildContext, attach_spec
+from crossmodal_kd.losses import kd_kl
+from crossmodal_kd.masks import attached, layer_output_shape
+from crossmodal_kd.methods.base import Method
+from crossmodal_kd.registry import MASKS, METHODS
+
+
+@METHODS.register("mask")
+class MaskTraining(Method):
+    """Only the mask is trained: ``tau^2 KL(p_student || p_masked_teacher)``; teacher and student frozen.
+
+    Use ``select: {metric: loss}`` to keep the mask state with the lowest validation loss.
+    The saved model ``mask`` is evaluated as the teacher with this mask (and only this one) active.
+    """
+
+    def __init__(self, ctx: BuildContext, teacher: dict, student: dict, layer: str, mask: dict | None = None, tau: float = 4.0) -> None:
+        super().__init__(ctx)
+        mask = mask or {"name": "channel_gate"}
+        self.teacher = self.freeze("teacher", ctx.load(teacher, key="teacher"))
+        self.student = self.freeze("student", ctx.load(student, key="student"))
+        self.layer, self.tau = layer, tau
+        channels = layer_output_shape(self.teacher.module, layer, ctx.sample_batch)[1]
+        params = mask.get("params", {})
+        self.mask = attach_spec(
+            MASKS.build(mask["name"], params, where=f"{ctx.where}.mask.params", channels=channels),
+            "masks", mask["name"], params, {"channels": channels},
+        )
+
+    def masked_logits(self, batch):
+        with attached(self.teacher.module, self.layer, self.mask):
+            return self.teacher.module(batch)["logits"]
+
+    def forward(self, batch):
+        t_logits = self.masked_logits(batch)
+        s_logits = self.student(batch)["logits"]
+        return {"logits": t_logits}, {"mask_kl": kd_kl(t_logits, s_logits, self.tau)}
+
+    def predict(self, batch):
+        return {"mask": self.masked_logits(batch)}
+
+    def models(self):
+        return {"mask": self.mask}
