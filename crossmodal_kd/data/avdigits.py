@@ -1,0 +1,86 @@
+"""``avdigits``: the embedded AV-MNIST-style default, built offline from sklearn digits and espeak-ng."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crossmodal_kd.data.avdigits_build import (
+    AVDIGITS_VERSION,
+    CorruptDatasetError,
+    build_avdigits,
+    default_params,
+    verify_avdigits,
+)
+from crossmodal_kd.data.base import ArrayDataset, DataSplits, load_npy, params_key
+from crossmodal_kd.registry import DATASETS
+
+log = logging.getLogger(__name__)
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+@DATASETS.register("avdigits")
+class AVDigits:
+    """Paired handwritten-digit images and spoken-digit log-mels; built on first use, cached, checksummed.
+
+    The cache lives in ``<root>/avdigits/v<version>-<hash of seed and recipe>``; a truncated or edited
+    cache fails its checksums and is rebuilt (it is generated data, so nothing is lost).
+    """
+
+    modalities = ("image", "audio")
+
+    def __init__(self, root: str | Path, seed: int = 0, **recipe) -> None:
+        unknown = sorted(set(recipe) - set(default_params()))
+        if unknown:
+            raise ValueError(
+                f"avdigits: unknown recipe key(s) {', '.join(unknown)}; valid: {', '.join(sorted(default_params()))}"
+            )
+        self.seed = seed
+        self.recipe = {**default_params(), **recipe}
+        key = params_key({"seed": seed, **self.recipe})
+        self.path = Path(root) / "avdigits" / f"v{AVDIGITS_VERSION}-{key}"
+
+    def build(self, progress: bool = True, force: bool = False) -> Path:
+        if not force and self._is_valid():
+            return self.path
+        if self.path.exists():
+            log.warning("avdigits cache at %s is incomplete or corrupt; rebuilding", self.path)
+            shutil.rmtree(self.path)
+        return build_avdigits(self.path, seed=self.seed, progress=progress, **self.recipe)
+
+    def check(self) -> list[str]:
+        try:
+            verify_avdigits(self.path)
+        except CorruptDatasetError as exc:
+            return [str(exc)]
+        return []
+
+    def load(self) -> DataSplits:
+        self.build()
+        manifest = json.loads((self.path / "manifest.json").read_text())
+        arrays = {m: load_npy(self.path / f"{m}.npy") for m in self.modalities}
+        labels = load_npy(self.path / "label.npy", ndim=1)
+        split = load_npy(self.path / "split.npy", ndim=1)
+        parts = {}
+        for name, code in SPLITS.items():
+            idx = np.flatnonzero(split == code)
+            parts[name] = ArrayDataset(
+                {m: torch.from_numpy(np.ascontiguousarray(a[idx])) for m, a in arrays.items()},
+                torch.from_numpy(labels[idx]),
+            )
+        return DataSplits(
+            **parts,
+            num_classes=len(manifest["class_names"]),
+            class_names=list(manifest["class_names"]),
+            input_shapes={m: tuple(a.shape[1:]) for m, a in arrays.items()},
+        )
+
+    def _is_valid(self) -> bool:
+        if not (self.path / "manifest.json").is_file():
+            return False
+        return not self.check()

@@ -1,0 +1,116 @@
+"""Dataset containers shared by every dataset family: samples are ``{modality: tensor, "label", "index"}``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+class DataError(RuntimeError):
+    """Missing, corrupt or malformed data; the message names the file."""
+
+
+class ArrayDataset(Dataset):
+    """In-memory paired modalities. ``__getitems__`` returns a collated batch (no per-sample Python)."""
+
+    def __init__(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        n = len(labels)
+        for name, arr in arrays.items():
+            if len(arr) != n:
+                raise DataError(f"modality '{name}' has {len(arr)} samples but there are {n} labels")
+        self.arrays = arrays
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**{k: v[i].float() for k, v in self.arrays.items()}, "label": self.labels[i], "index": i}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        batch = {k: v[idx].float() for k, v in self.arrays.items()}
+        batch["label"] = self.labels[idx]
+        batch["index"] = idx
+        return batch
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.arrays)
+
+
+def collate_batch(batch: Any) -> Any:
+    """Collate for :class:`ArrayDataset` (already collated by ``__getitems__``) or per-sample dicts."""
+    if isinstance(batch, dict):
+        return batch
+    return torch.utils.data.default_collate(batch)
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    class_names: list[str]
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def split(self, name: str) -> Dataset:
+        if name not in ("train", "val", "test"):
+            raise KeyError(f"unknown split '{name}'; valid: train, val, test")
+        return getattr(self, name)
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch: the order depends only on (seed, epoch), so resumed runs replay it."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, carved) with ``fraction`` of every class carved out, deterministically."""
+    rng = np.random.default_rng(seed)
+    keep, carved = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = int(round(fraction * len(idx)))
+        carved.append(idx[:k])
+        keep.append(idx[k:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(carved))
+
+
+def load_npy(path: Path, *, ndim: int | None = None, mmap: bool = False) -> np.ndarray:
+    """``np.load`` with errors that name the file."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: unreadable .npy file ({exc})") from None
+    if ndim is not None and arr.ndim != ndim:
+        raise DataError(f"{path}: expected a {ndim}-D array, got shape {tuple(arr.shape)}")
+    return arr
+
+
+def params_key(params: dict[str, Any]) -> str:
+    """Short stable hash of a parameter dict (cache directory names)."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
