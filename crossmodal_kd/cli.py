@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--set", dest="params", action="append", default=[], metavar="KEY=VALUE", help="dataset parameter")
         q.set_defaults(func=func)
 
+    b = sub.add_parser("bench", help="run configs x seeds x student variants and tabulate mean/std")
+    b.add_argument("bench_file")
+    b.add_argument("--seeds", type=int, nargs="+", help="override the file's seeds")
+    b.add_argument("--output-dir")
+    b.add_argument("--fast-dev-run", action="store_true")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
     ls = sub.add_parser("list", help="list registered components")
     ls.set_defaults(func=cmd_list)
     return p
@@ -113,6 +121,20 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         print(p)
     print(f"{args.name}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from crossmodal_kd.bench import load_bench, run_bench, write_reports
+
+    bench = load_bench(args.bench_file)
+    if args.seeds:
+        bench.seeds = args.seeds
+    if args.output_dir:
+        bench.output_dir = args.output_dir
+    records = run_bench(bench, fast_dev_run=args.fast_dev_run, progress=not args.no_progress)
+    table = write_reports(bench, records)
+    print(f"\n{table}\n\n(written to {bench.output_dir}/results.md, .csv, .png)")
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -90,7 +90,9 @@ class RunConfig(Strict):
     output_dir: str | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     accelerator: AcceleratorConfig = Field(default_factory=AcceleratorConfig)
-    networks: dict[str, Component] = Field(default_factory=dict)
+    networks: dict[str, Component | str] = Field(
+        default_factory=dict, description="network definitions; a string value is an alias of another entry"
+    )
     stages: list[StageConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -101,6 +103,18 @@ class RunConfig(Strict):
                 raise ValueError(f"duplicate stage name '{stage.name}'")
             seen.add(stage.name)
         return self
+
+    def network(self, name: str) -> Component:
+        """The network definition for ``name``, following aliases (``student: audio_net``)."""
+        seen = []
+        while isinstance(value := self.networks.get(name), str):
+            if name in seen:
+                raise ConfigError(f"networks: alias cycle {' -> '.join(seen + [name])}")
+            seen.append(name)
+            name = value
+        if value is None:
+            raise ConfigError(f"networks: unknown network '{name}'; defined: {', '.join(self.networks) or '(none)'}")
+        return value
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:
@@ -193,14 +207,24 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Merge mappings recursively; lists and scalars in ``top`` replace those in ``base``."""
+    """Merge mappings recursively. Lists of named mappings (``stages``) merge item by item on ``name``,
+    keeping order of first appearance; other lists and scalars in ``top`` replace those in ``base``."""
     out = copy.deepcopy(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
+        elif _named_list(value) and _named_list(out.get(key)):
+            merged = {item["name"]: item for item in out[key]}
+            for item in value:
+                merged[item["name"]] = deep_merge(merged[item["name"]], item) if item["name"] in merged else copy.deepcopy(item)
+            out[key] = list(merged.values())
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _named_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "name" in v for v in value)
 
 
 def _loc(loc: tuple) -> str:

@@ -79,11 +79,10 @@ class BuildContext:
         """A freshly initialised network from the run's ``networks:`` section."""
         from crossmodal_kd.models.networks import build_network
 
-        if name not in self.config.networks:
-            raise ConfigError(
-                f"{self.where}: unknown network '{name}'; defined under networks: {', '.join(self.config.networks) or '(none)'}"
-            )
-        spec = self.config.networks[name]
+        try:
+            spec = self.config.network(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.where}: {exc}") from None
         context = {"input_shapes": self.input_shapes, "num_classes": self.num_classes}
         net = build_network(spec.name, spec.params, self.input_shapes, self.num_classes, where=f"networks.{name}")
         return attach_spec(net, "networks", spec.name, spec.params, context)

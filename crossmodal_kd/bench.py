@@ -1,0 +1,157 @@
+"""Benchmarks: run configs x seeds x student variants, then tabulate mean and std (Markdown, CSV, PNG).
+
+A benchmark file::
+
+    output_dir: runs/bench
+    seeds: [0, 1, 2]
+    variants:                       # name -> --set overrides (e.g. which modality the student sees)
+      image: []
+      audio: [networks.student=audio_net, networks.crossmodal_teacher=image_net]
+    experiments:
+      - config: configs/avdigits/compare.yaml
+        rows:                       # which (stage, model) of the run is reported, under which label
+          - {label: KD from T_mm, stage: kd_mm, model: student}
+
+Every run lives in ``<output_dir>/<experiment>/<variant>/seed<k>``; an interrupted benchmark resumes
+(finished stages and runs are skipped).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from crossmodal_kd.config import ConfigError, Strict, load_config
+from crossmodal_kd.engine.trainer import Runner
+from crossmodal_kd.io import atomic_write_text
+
+
+class Row(Strict):
+    label: str
+    stage: str
+    model: str = "student"
+
+
+class Experiment(Strict):
+    config: str
+    rows: list[Row] = Field(min_length=1)
+    overrides: list[str] = Field(default_factory=list)
+
+
+class BenchConfig(Strict):
+    output_dir: str = "runs/bench"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    variants: dict[str, list[str]] = Field(default_factory=lambda: {"default": []})
+    experiments: list[Experiment] = Field(min_length=1)
+
+
+def load_bench(path: str | Path) -> BenchConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"benchmark file not found: {path}")
+    try:
+        return BenchConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    except ValidationError as exc:
+        lines = [f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid benchmark\n  " + "\n  ".join(lines)) from None
+
+
+def run_bench(bench: BenchConfig, *, fast_dev_run: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or resume) every run of the benchmark; return one record per (row, variant, seed)."""
+    out = Path(bench.output_dir)
+    records = []
+    runs = [(e, v, s) for e in bench.experiments for v in bench.variants for s in bench.seeds]
+    for i, (exp, variant, seed) in enumerate(runs, 1):
+        run_dir = out / Path(exp.config).stem / variant / f"seed{seed}"
+        if progress:
+            print(f"[{i}/{len(runs)}] {exp.config} variant={variant} seed={seed} -> {run_dir}", flush=True)
+        overrides = [*exp.overrides, *bench.variants[variant], f"seed={seed}"]
+        cfg = load_config(exp.config, overrides)
+        metrics = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress).run()
+        for row in exp.rows:
+            if row.stage not in metrics["stages"]:
+                raise ConfigError(f"benchmark row '{row.label}': no stage '{row.stage}' in {exp.config}")
+            stage = metrics["stages"][row.stage]
+            m = stage["models"][row.model]
+            records.append({
+                "method": row.label, "variant": variant, "seed": seed,
+                "test_accuracy": m["test"]["accuracy"], "test_macro_f1": m["test"]["macro_f1"],
+                "val_accuracy": m["val"]["accuracy"], "train_time_s": stage["train_time_s"],
+                "samples_per_s": stage["train_samples_per_s"], "peak_memory_mb": stage["peak_memory_mb"],
+            })
+    return records
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and (sample) std over seeds per (method, variant), in first-seen order."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["variant"]), []).append(r)
+    rows = []
+    for (method, variant), rs in groups.items():
+        row = {"method": method, "variant": variant, "seeds": len(rs)}
+        for key in ("test_accuracy", "test_macro_f1", "val_accuracy", "train_time_s", "samples_per_s", "peak_memory_mb"):
+            values = [r[key] for r in rs if r[key] is not None]
+            row[f"{key}_mean"] = statistics.fmean(values) if values else float("nan")
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def markdown_table(summary: list[dict[str, Any]]) -> str:
+    lines = [
+        "| student | method | seeds | test acc (%) | test macro-F1 (%) | val acc (%) | train time (s) | samples/s | peak mem (MB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary:
+        lines.append(
+            f"| {r['variant']} | {r['method']} | {r['seeds']} "
+            f"| {100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f} "
+            f"| {100 * r['test_macro_f1_mean']:.2f} ± {100 * r['test_macro_f1_std']:.2f} "
+            f"| {100 * r['val_accuracy_mean']:.2f} ± {100 * r['val_accuracy_std']:.2f} "
+            f"| {r['train_time_s_mean']:.1f} | {r['samples_per_s_mean']:.0f} | {r['peak_memory_mb_mean']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
+    out = Path(bench.output_dir)
+    summary = summarize(records)
+    table = markdown_table(summary)
+    atomic_write_text(out / "results.md", table + "\n")
+    atomic_write_text(out / "records.json", json.dumps(records, indent=1) + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    _bar_chart(summary, out / "results.png")
+    return table
+
+
+def _bar_chart(summary: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r["variant"] for r in summary))
+    fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants), 3.8), squeeze=False)
+    for ax, v in zip(axes[0], variants):
+        rs = [r for r in summary if r["variant"] == v]
+        ax.barh([r["method"] for r in rs], [100 * r["test_accuracy_mean"] for r in rs],
+                xerr=[100 * r["test_accuracy_std"] for r in rs], color="tab:blue", alpha=0.8)
+        ax.invert_yaxis()
+        ax.set_xlabel("test accuracy (%)")
+        ax.set_title(f"student: {v}")
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
