@@ -159,8 +159,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     last = parts[-1]
     if isinstance(node, list):
         node[_index(node, last, key)] = value
-    else:
+    elif isinstance(node, dict):
         node[last] = value
+    else:
+        raise ConfigError(f"--set: '{'.'.join(parts[:-1])}' is not a mapping")
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -180,6 +182,10 @@ def _child(node: Any, part: str, *, create: bool, where: str) -> Any:
 
 
 def _index(node: list, part: str, where: str) -> int:
+    """A list position, or the position of the item whose ``name`` is ``part`` (``stages.routed.epochs``)."""
+    named = [i for i, item in enumerate(node) if isinstance(item, dict) and item.get("name") == part]
+    if named:
+        return named[0]
     if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
         raise ConfigError(f"--set: '{where}': list index '{part}' out of range (0..{len(node) - 1})")
     return int(part)
