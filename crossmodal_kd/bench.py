@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from crossmodal_kd.config import ConfigError, Strict, load_config
 from crossmodal_kd.engine.trainer import Runner
@@ -40,6 +40,7 @@ class Row(Strict):
 
 class Experiment(Strict):
     config: str
+    name: str | None = Field(None, description="run folder name; default: the config's file name")
     rows: list[Row] = Field(min_length=1)
     overrides: list[str] = Field(default_factory=list)
 
@@ -49,6 +50,13 @@ class BenchConfig(Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     variants: dict[str, list[str]] = Field(default_factory=lambda: {"default": []})
     experiments: list[Experiment] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_run_folders(self) -> "BenchConfig":
+        names = [e.name or Path(e.config).stem for e in self.experiments]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiments share a run folder name {names}; give them distinct 'name's")
+        return self
 
 
 def load_bench(path: str | Path) -> BenchConfig:
@@ -70,7 +78,7 @@ def run_bench(bench: BenchConfig, *, fast_dev_run: bool = False, progress: bool 
     records = []
     runs = [(e, v, s) for e in bench.experiments for v in bench.variants for s in bench.seeds]
     for i, (exp, variant, seed) in enumerate(runs, 1):
-        run_dir = out / Path(exp.config).stem / variant / f"seed{seed}"
+        run_dir = out / (exp.name or Path(exp.config).stem) / variant / f"seed{seed}"
         if progress:
             print(f"[{i}/{len(runs)}] {exp.config} variant={variant} seed={seed} -> {run_dir}", flush=True)
         overrides = [*exp.overrides, *bench.variants[variant], f"seed={seed}"]
