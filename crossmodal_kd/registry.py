@@ -86,6 +86,7 @@ def check_kwargs(factory: Callable, params: dict[str, Any], *, where: str, reser
 
 def import_plugins(modules: list[str]) -> None:
     """Import user modules (dotted names or ``.py`` paths) so their ``@register`` decorators run."""
+    import hashlib
     import importlib.util
     import sys
     from pathlib import Path
@@ -95,7 +96,9 @@ def import_plugins(modules: list[str]) -> None:
             path = Path(entry).resolve()
             if not path.is_file():
                 raise FileNotFoundError(f"imports: plugin file not found: {entry}")
-            mod_name = f"crossmodal_kd_plugin_{path.stem}"
+            # keyed by the full path: two plug-in files with the same name in different folders both load
+            digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+            mod_name = f"crossmodal_kd_plugin_{path.stem}_{digest}"
             if mod_name in sys.modules:
                 continue
             spec = importlib.util.spec_from_file_location(mod_name, path)
