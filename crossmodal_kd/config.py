@@ -132,7 +132,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     raw = _read_with_bases(path, chain=())
     for item in overrides or []:
         apply_override(raw, item)
+    if isinstance(raw.get("imports"), list):  # plugin files are found next to the config first
+        raw["imports"] = [_beside(path, entry) for entry in raw["imports"]]
     return validate_config(raw, source=str(path))
+
+
+def _beside(config_path: Path, entry: Any) -> Any:
+    if isinstance(entry, str) and entry.endswith(".py") and not Path(entry).is_absolute():
+        candidate = config_path.parent / entry
+        if candidate.is_file() and not Path(entry).is_file():
+            return str(candidate.resolve())
+    return entry
 
 
 def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:

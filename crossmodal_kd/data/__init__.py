@@ -9,4 +9,4 @@ __all__ = ["ArrayDataset", "DataError", "DataSplits", "EpochSampler", "collate_b
 
 def build_dataset(name: str, root: str, params: dict | None = None, *, where: str = "data"):
     """The dataset family object for ``name`` rooted at ``root`` (not yet loaded)."""
-    return DATASETS.build(name, params, where=f"{where}.params", root=root)
+    return DATASETS.build(name, params, where=f"{where} params", root=root)

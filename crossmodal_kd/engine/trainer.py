@@ -76,11 +76,13 @@ class Runner:
         self.resume, self.fast_dev_run = resume, fast_dev_run
         self.accelerator = make_accelerator(cfg)
         self.progress = progress and self.accelerator.is_local_main_process
-        if cfg.data.batch_size % self.accelerator.num_processes:
-            raise TrainingError(
-                f"data.batch_size={cfg.data.batch_size} is the global batch and must be divisible by the "
-                f"{self.accelerator.num_processes} processes"
-            )
+        for key in ("batch_size", "eval_batch_size"):
+            value = getattr(cfg.data, key)
+            if value % self.accelerator.num_processes:
+                raise TrainingError(
+                    f"data.{key}={value} is a global batch size and must be divisible by the "
+                    f"{self.accelerator.num_processes} processes"
+                )
         self.data: DataSplits | None = None
 
     # ------------------------------------------------------------------ run
@@ -255,7 +257,7 @@ class StageTrainer:
         count = torch.zeros((), device=acc.device)
         limit = FAST_DEV_BATCHES if self.fast else None
         bar = tqdm(total=limit or len(self.train_loader), desc=f"{self.stage.name} {epoch + 1}/{self.epochs}",
-                   disable=not self.runner.progress, leave=False)
+                   disable=None if self.runner.progress else True, leave=False)  # None: off when not a TTY
         for step, batch in enumerate(self.train_loader):
             if limit is not None and step >= limit:
                 break
