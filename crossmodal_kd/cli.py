@@ -102,7 +102,7 @@ def _dataset(args: argparse.Namespace):
     for item in args.params:
         key, _, value = item.partition("=")
         params[key] = yaml.safe_load(value)
-    return build_dataset(args.name, args.root, params, where=f"dataset {args.name}")
+    return build_dataset(args.name, args.root, params, where=f"dataset '{args.name}' --set")
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:

@@ -7,6 +7,6 @@ from crossmodal_kd.registry import DATASETS
 __all__ = ["ArrayDataset", "DataError", "DataSplits", "EpochSampler", "collate_batch", "DATASETS", "build_dataset"]
 
 
-def build_dataset(name: str, root: str, params: dict | None = None, *, where: str = "data"):
+def build_dataset(name: str, root: str, params: dict | None = None, *, where: str = "data.params"):
     """The dataset family object for ``name`` rooted at ``root`` (not yet loaded)."""
-    return DATASETS.build(name, params, where=f"{where} params", root=root)
+    return DATASETS.build(name, params, where=where, root=root)
