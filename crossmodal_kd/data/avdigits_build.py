@@ -15,7 +15,6 @@ arrays. The output directory holds one ``.npy`` per array and ``manifest.json`` 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -33,6 +32,9 @@ import torch.nn.functional as F
 import torchaudio
 from sklearn.datasets import load_digits
 from tqdm import tqdm
+
+from crossmodal_kd.data.base import DataError
+from crossmodal_kd.io import sha256_file
 
 AVDIGITS_VERSION = 1
 
@@ -55,6 +57,8 @@ robosoft robosoft2 robosoft3 robosoft4 robosoft5 robosoft6 robosoft7 robosoft8 s
 steph3 travis victor whisper whisperf
 """.split()
 
+# Calibrated (seeds 0-2, test split, 15 epochs, best epoch on val): LeNet-5 on images 62-64 %, a 3-block
+# CNN on log-mels 67-70 %, their intermediate fusion (modality dropout 0.25) 80-87 %.
 _DEFAULTS: dict[str, Any] = {
     # pairs per split
     "n_train": 6000,
@@ -80,7 +84,7 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
-class CorruptDatasetError(Exception):
+class CorruptDatasetError(DataError):
     """A dataset file is missing, truncated, edited or inconsistent with its manifest."""
 
 
@@ -113,7 +117,8 @@ def _split_items(n: int, fracs: list[float], rng: np.random.Generator) -> np.nda
 # ----------------------------------------------------------------------------------------- images
 
 
-def _image_pool(params: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _image_pool(params: dict[str, Any], rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Upsampled, PCA-degraded digit images ``(n, 784)`` with their labels and split per image."""
     digits = load_digits()
     labels = digits.target.astype(np.int64)
@@ -140,7 +145,7 @@ def _image_pool(params: dict[str, Any], rng: np.random.Generator) -> tuple[np.nd
 def _check_espeak(accents: list[str], variants: list[str]) -> None:
     """Fail early if espeak-ng is missing or lacks a voice (it silently ignores unknown variants)."""
     if shutil.which(ESPEAK) is None:
-        raise RuntimeError(f"{ESPEAK} not found: install it (e.g. apt-get install espeak-ng) to build avdigits")
+        raise RuntimeError(f"{ESPEAK} not found: install it (apt-get install espeak-ng) to build avdigits")
 
     def listing(kind: str) -> str:
         return subprocess.run([ESPEAK, f"--voices={kind}"], check=True, capture_output=True, text=True).stdout
@@ -198,7 +203,7 @@ def _voice_pool(params: dict[str, Any], rng: np.random.Generator, progress: bool
             return wave / np.sqrt(np.mean(wave**2))
 
         with ThreadPoolExecutor(SYNTH_WORKERS) as pool:
-            clips = list(tqdm(pool.map(clip, range(len(jobs))), total=len(jobs), disable=not progress,
+            clips = list(tqdm(pool.map(clip, range(len(jobs))), total=len(jobs), disable=None if progress else True,
                               desc="avdigits: espeak-ng", unit="clip"))
     vids = np.array([vid for vid, _ in jobs], dtype=np.int32)
     labels = np.array([c for _, c in jobs], dtype=np.int64)
@@ -264,8 +269,8 @@ def _arrays(params: dict[str, Any], seed: int, progress: bool) -> tuple[dict[str
         image_id[rows] = _draw(image_labels, image_split == s, label[rows], rng_pairs)
         clip_id[rows] = _draw(clip_labels, clip_split == s, label[rows], rng_pairs)
 
-    image = images[image_id] + rng_img_noise.standard_normal((len(label), 784), dtype=np.float32) \
-        * np.float32(params["image_noise_std"])
+    noise = rng_img_noise.standard_normal((len(label), 784), dtype=np.float32)
+    image = images[image_id] + noise * np.float32(params["image_noise_std"])
     train = split == 0
     image = (image - image[train].mean()) / image[train].std()
 
@@ -288,14 +293,6 @@ def _arrays(params: dict[str, Any], seed: int, progress: bool) -> tuple[dict[str
 # --------------------------------------------------------------------------------- build / verify
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_avdigits(out_dir: str | Path, *, seed: int = 0, progress: bool = True, **params: Any) -> Path:
     """Build the dataset into ``out_dir``, replacing what is there, and return ``out_dir``.
 
@@ -314,7 +311,7 @@ def build_avdigits(out_dir: str | Path, *, seed: int = 0, progress: bool = True,
         for name, arr in arrays.items():
             path = tmp / f"{name}.npy"
             np.save(path, arr)
-            files[path.name] = {"sha256": _sha256(path), "shape": list(arr.shape), "dtype": str(arr.dtype)}
+            files[path.name] = {"sha256": sha256_file(path), "shape": list(arr.shape), "dtype": str(arr.dtype)}
         manifest = {
             "name": "avdigits",
             "version": AVDIGITS_VERSION,
@@ -368,5 +365,5 @@ def verify_avdigits(out_dir: str | Path) -> None:
         del arr
         if path.stat().st_size != expected_size:
             raise CorruptDatasetError(f"{path}: {path.stat().st_size} bytes, expected {expected_size}")
-        if _sha256(path) != meta["sha256"]:
+        if sha256_file(path) != meta["sha256"]:
             raise CorruptDatasetError(f"{path}: sha256 mismatch (file edited or damaged)")
