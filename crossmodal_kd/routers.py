@@ -41,7 +41,9 @@ class GateRouter(Router):
 
     ``mode='hard'`` (public code): selected teachers get weight 1/k, so the KD term gives the gate no
     gradient and it learns only from load balancing. ``mode='soft'``: selected teachers are weighted by
-    their renormalised gate probabilities, so the KD term teaches the gate which teacher to pick.
+    their renormalised gate probabilities, so the KD term teaches the gate which teacher to pick. The
+    normaliser is detached: the weights have the renormalised values, but the gradient still reaches
+    each selected probability when k = 1 (a fully differentiated renormalisation is constantly 1 there).
     """
 
     def __init__(
@@ -74,7 +76,7 @@ class GateRouter(Router):
             weights = selected / self.k
         else:
             masked = probs * selected
-            weights = masked / masked.sum(1, keepdim=True)
+            weights = masked / masked.sum(1, keepdim=True).detach()
         return Routing(weights=weights, probs=probs)
 
 

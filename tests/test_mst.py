@@ -110,9 +110,9 @@ def _student_out(b=6, c=5, d=7):
     return {"logits": torch.randn(b, c), "features": torch.randn(b, d)}
 
 
-@pytest.mark.parametrize("mode,expect_grad", [("soft", True), ("hard", False)])
-def test_router_gradient_from_kd_term(mode, expect_grad):
-    router = GateRouter(num_teachers=3, num_classes=5, feature_dim=7, k=2, mode=mode)
+@pytest.mark.parametrize("mode,k,expect_grad", [("soft", 1, True), ("soft", 2, True), ("hard", 1, False), ("hard", 2, False)])
+def test_router_gradient_from_kd_term(mode, k, expect_grad):
+    router = GateRouter(num_teachers=3, num_classes=5, feature_dim=7, k=k, mode=mode)
     out = _student_out()
     teacher_logits = torch.randn(6, 3, 5)
     routing = router(out, teacher_logits)

@@ -1,0 +1,49 @@
+"""FitNets (Romero et al., 2015): the student's features regress the teacher's through a learned adapter."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from crossmodal_kd.config import ConfigError
+from crossmodal_kd.engine.context import BuildContext
+from crossmodal_kd.losses import hint_mse
+from crossmodal_kd.methods.distiller import Distiller
+from crossmodal_kd.registry import METHODS
+
+
+@METHODS.register("fitnets")
+class FitNets(Distiller):
+    """``w_ce CE + w_kd KD + w_hint MSE(W f_s, f_t)`` on the networks' ``features``, ``W`` a linear regressor.
+
+    The original is two-stage: a hint stage (``hint_only: true``: only the hint term trains the student's
+    encoder), then a KD stage that starts from it (``student_init: {stage: <hint stage>, model: student}``,
+    ``w_hint: 0`` to drop the hint term and its regressor). Hints are taken at the penultimate features,
+    the only layer every network exposes.
+    """
+
+    def __init__(
+        self,
+        ctx: BuildContext,
+        student: str,
+        teacher: dict,
+        w_hint: float = 100.0,
+        hint_only: bool = False,
+        tau: float = 4.0,
+        w_ce: float = 1.0,
+        w_kd: float = 0.0,
+        student_init: dict | None = None,
+    ) -> None:
+        super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd)
+        if hint_only and w_hint <= 0:
+            raise ConfigError(f"{ctx.where}: hint_only needs w_hint > 0, got {w_hint}")
+        self.w_hint, self.hint_only = w_hint, hint_only
+        if w_hint > 0:
+            self.regressor = nn.Linear(self.student.feature_dim, self.teacher.module.feature_dim)
+
+    def forward(self, batch):
+        out = self.student(batch)
+        t_out = self.teacher(batch)
+        losses = {} if self.hint_only else self.logit_losses(out["logits"], t_out["logits"], batch["label"])
+        if self.w_hint > 0:
+            losses["hint"] = self.w_hint * hint_mse(self.regressor(out["features"]), t_out["features"])
+        return out, losses

@@ -1,0 +1,99 @@
+"""MGDFR: distil only the teacher's modality-general decisive features, ranked by permutation salience."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossmodal_kd.config import ConfigError
+from crossmodal_kd.engine.context import BuildContext
+from crossmodal_kd.masks import attached, layer_output_shape
+from crossmodal_kd.methods.distiller import Distiller
+from crossmodal_kd.registry import METHODS
+
+
+def _channels_view(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A per-channel ``(D,)`` tensor shaped to broadcast over ``out`` (``(B, D)`` or ``(B, D, ...)``)."""
+    return mask.view(1, -1, *([1] * (out.dim() - 2)))
+
+
+@torch.no_grad()
+def permutation_salience(
+    network: nn.Module, layer: str, batch: Mapping[str, torch.Tensor], reference_logits: torch.Tensor, repeats: int = 1
+) -> torch.Tensor:
+    """``(D,)``: for each channel ``d`` of ``network.<layer>``, the MSE between the network's logits and
+    ``reference_logits`` once channel ``d`` is shuffled across the batch (mean over ``repeats`` shuffles)."""
+    dims = layer_output_shape(network, layer, batch)[1]
+    n = len(reference_logits)
+    salience = torch.zeros(dims)
+    for _ in range(repeats):
+        for d in range(dims):
+            perm = torch.randperm(n)
+
+            def shuffle(out: torch.Tensor, d: int = d, perm: torch.Tensor = perm) -> torch.Tensor:
+                out = out.clone()
+                out[:, d] = out[perm.to(out.device), d]
+                return out
+
+            with attached(network, layer, shuffle):
+                logits = network(batch)["logits"]
+            salience[d] += F.mse_loss(logits.float(), reference_logits.float()).cpu() / repeats
+    return salience
+
+
+@METHODS.register("mgdfr")
+class MGDFR(Distiller):
+    """``w_ce CE + w_kd KD`` from the teacher with its least modality-general feature channels frozen.
+
+    Our reading of the modality-general decisive features of Xue et al. (ICLR 2023, "The Modality
+    Focusing Hypothesis") as run by the public MST-Distill code (``MGDFR.py``): a feature channel of the
+    teacher is modality-general when the prediction it drives is reproducible from the student's
+    modality. So, once at construction, on ``ctx.sample_batch`` (the first validation batch), each
+    channel ``d`` of ``teacher.<layer>`` is shuffled across the batch and its salience is the MSE
+    between the teacher's logits and those of ``reference``, a trained network that sees only the
+    student's modality (e.g. the no-KD student): the larger, the more the teacher's agreement with
+    the student's modality rests on ``d``. The ``remove_ratio`` least salient channels are *frozen*
+    during distillation (replaced by their batch mean, as the public code does), so the KD target
+    comes only from the most modality-general channels. The public code first co-trains teacher and
+    student with an MSE between their logits to obtain the reference; here the reference is any
+    trained model. ``salience`` and ``keep`` are buffers, saved with checkpoints.
+    """
+
+    def __init__(
+        self,
+        ctx: BuildContext,
+        student: str,
+        teacher: dict,
+        reference: dict,
+        layer: str,
+        remove_ratio: float = 0.75,
+        repeats: int = 3,
+        tau: float = 4.0,
+        w_ce: float = 1.0,
+        w_kd: float = 1.0,
+        student_init: dict | None = None,
+    ) -> None:
+        super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd)
+        if not 0.0 <= remove_ratio < 1.0:
+            raise ConfigError(f"{ctx.where}.remove_ratio: must be in [0, 1), got {remove_ratio}")
+        self.layer = layer
+        reference_net = ctx.load(reference, key="reference").eval()
+        with torch.no_grad():
+            reference_logits = reference_net(ctx.sample_batch)["logits"]
+        salience = permutation_salience(self.teacher.module, layer, ctx.sample_batch, reference_logits, repeats)
+        keep = torch.ones_like(salience, dtype=torch.bool)
+        keep[salience.argsort()[: int(remove_ratio * len(salience))]] = False
+        self.register_buffer("salience", salience)
+        self.register_buffer("keep", keep)
+
+    def _freeze_removed(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.where(_channels_view(self.keep, out), out, out.mean(0, keepdim=True))
+
+    def forward(self, batch):
+        out = self.student(batch)
+        with attached(self.teacher.module, self.layer, self._freeze_removed):
+            t_logits = self.teacher(batch)["logits"]
+        return out, self.logit_losses(out["logits"], t_logits, batch["label"])
