@@ -74,6 +74,7 @@ class BuildContext:
     num_classes: int
     sample_batch: dict[str, torch.Tensor] = field(repr=False)
     where: str = ""
+    num_train: int = 0  # size of the training split (memory banks)
 
     def network(self, name: str) -> nn.Module:
         """A freshly initialised network from the run's ``networks:`` section."""

@@ -197,6 +197,7 @@ class StageTrainer:
             num_classes=r.data.num_classes,
             sample_batch=next(iter(loaders["val"])),
             where=f"stages[{self.index}].method.params",
+            num_train=len(r.data.train),
         )
         method = METHODS.build(stage.method.name, stage.method.params, where=ctx.where, ctx=ctx)
         params = [p for p in method.parameters() if p.requires_grad]

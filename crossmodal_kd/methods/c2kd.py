@@ -7,7 +7,7 @@ from torch import nn
 
 from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.losses import drop_target, kd_kl, non_target_kl
-from crossmodal_kd.methods.distiller import Distiller
+from crossmodal_kd.methods.kd import Distiller
 from crossmodal_kd.registry import METHODS
 
 

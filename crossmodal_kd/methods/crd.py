@@ -9,7 +9,7 @@ from torch import nn
 from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.engine.distributed import gather_cat, global_mean
 from crossmodal_kd.losses import nce_loss
-from crossmodal_kd.methods.distiller import Distiller
+from crossmodal_kd.methods.kd import Distiller
 from crossmodal_kd.registry import METHODS
 
 
@@ -41,7 +41,7 @@ class CRD(Distiller):
         ctx: BuildContext,
         student: str,
         teacher: dict,
-        bank_size: int,
+        bank_size: int | None = None,
         feat_dim: int = 128,
         nce_k: int = 4096,
         nce_t: float = 0.07,
@@ -53,6 +53,7 @@ class CRD(Distiller):
         student_init: dict | None = None,
     ) -> None:
         super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd)
+        bank_size = bank_size or ctx.num_train
         self.embed_s = Embed(self.student.feature_dim, feat_dim)
         self.embed_t = Embed(self.teacher.module.feature_dim, feat_dim)
         self.bank_size, self.nce_k, self.nce_t, self.momentum, self.w_crd = bank_size, nce_k, nce_t, momentum, w_crd

@@ -24,9 +24,43 @@ def build_student(ctx: BuildContext, student: str, init: Any | None) -> torch.nn
     return net
 
 
+class Distiller(Method):
+    """``student`` (a name under ``networks:``) learns from ``teacher`` (a ``{stage, model}`` or ``{path}`` ref).
+
+    :meth:`logit_losses` gives ``w_ce * CE`` and, when ``w_kd > 0``, ``w_kd * tau^2 KL(p_t || p_s)``;
+    subclasses add their own terms. Saved model: ``student``.
+    """
+
+    def __init__(
+        self,
+        ctx: BuildContext,
+        student: str,
+        teacher: dict,
+        student_init: dict | None,
+        tau: float,
+        w_ce: float,
+        w_kd: float,
+    ) -> None:
+        super().__init__(ctx)
+        self.student = build_student(ctx, student, student_init)
+        self.teacher = self.freeze("teacher", ctx.load(teacher, key="teacher"))
+        self.tau, self.w_ce, self.w_kd = tau, w_ce, w_kd
+
+    def logit_losses(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        losses = {"ce": self.w_ce * cross_entropy(student_logits, labels)}
+        if self.w_kd > 0:
+            losses["kd"] = self.w_kd * kd_kl(student_logits, teacher_logits, self.tau)
+        return losses
+
+    def models(self) -> dict[str, Any]:
+        return {"student": self.student}
+
+
 @METHODS.register("kd")
-class KD(Method):
-    """``w_ce * CE + w_kd * tau^2 * KL(p_teacher || p_student)``; the teacher sees its own modalities."""
+class KD(Distiller):
+    """Classic KD (Hinton et al., 2015): ``w_ce * CE + w_kd * tau^2 * KL(p_teacher || p_student)``."""
 
     def __init__(
         self,
@@ -38,18 +72,8 @@ class KD(Method):
         w_kd: float = 1.0,
         student_init: dict | None = None,
     ) -> None:
-        super().__init__(ctx)
-        self.student = build_student(ctx, student, student_init)
-        self.teacher = self.freeze("teacher", ctx.load(teacher, key="teacher"))
-        self.tau, self.w_ce, self.w_kd = tau, w_ce, w_kd
+        super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd)
 
     def forward(self, batch):
         out = self.student(batch)
-        t_logits = self.teacher(batch)["logits"]
-        return out, {
-            "ce": self.w_ce * cross_entropy(out["logits"], batch["label"]),
-            "kd": self.w_kd * kd_kl(out["logits"], t_logits, self.tau),
-        }
-
-    def models(self):
-        return {"student": self.student}
+        return out, self.logit_losses(out["logits"], self.teacher(batch)["logits"], batch["label"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.losses import rkd_angle, rkd_distance
-from crossmodal_kd.methods.distiller import Distiller
+from crossmodal_kd.methods.kd import Distiller
 from crossmodal_kd.registry import METHODS
 
 
