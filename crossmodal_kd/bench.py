@@ -77,7 +77,8 @@ def run_bench(bench: BenchConfig, *, fast_dev_run: bool = False, progress: bool 
     """Run (or resume) every run of the benchmark; return one record per (row, variant, seed)."""
     out = Path(bench.output_dir)
     records = []
-    runs = [(e, v, s) for e in bench.experiments for v in bench.variants for s in bench.seeds]
+    # seed-major, so an interrupted benchmark has whole seeds of every experiment and variant
+    runs = [(e, v, s) for s in bench.seeds for e in bench.experiments for v in bench.variants]
     for i, (exp, variant, seed) in enumerate(runs, 1):
         run_dir = out / (exp.name or Path(exp.config).stem) / variant / f"seed{seed}"
         if progress:
