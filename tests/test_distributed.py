@@ -82,3 +82,14 @@ def test_two_processes_match_one_process(tmp_path):
             assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)  # same number of optimizer steps
             assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
     assert m1["stages"]["teacher"]["parameters"] == m2["stages"]["teacher"]["parameters"]
+
+
+def test_two_process_fast_dev_run_of_shipped_kd_multimodal_config(tmp_path):
+    """The README's command on the shipped config (data swapped for the tiny synthetic set)."""
+    out = tmp_path / "run"
+    launch(2, REPO / "configs/avdigits/kd_multimodal.yaml", out, "--fast-dev-run",
+           "--set", "data.name=synthetic", "--set", "data.eval_batch_size=64")
+    metrics = read_json(out / "metrics.json")
+    assert list(metrics["stages"]) == ["teacher_mm", "kd_mm"]
+    assert read_json(out / "environment.json")["world_size"] == 2
+    assert (out / "stages/kd_mm/models/student.pt").is_file()
