@@ -16,6 +16,7 @@ import math
 import platform
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,12 @@ MIN_FREE_BYTES = 200 * 2**20
 
 class TrainingError(RuntimeError):
     """A run cannot go on (non-finite loss, unusable output directory, ...); the message says why."""
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """Seed of one stage: depends on the run seed and the stage's name only, so a stage trains the same
+    way in every config that contains it (a shared teacher in ``demo`` and ``compare``, say)."""
+    return seed * 1_000_003 + zlib.crc32(stage.encode()) % 1_000_003
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -109,7 +116,7 @@ class Runner:
             if not (sdir / "result.json").is_file():
                 log.warning("stage %s has not finished; skipped", stage.name)
                 continue
-            set_seed(self.cfg.seed + 1000 * index)
+            set_seed(stage_seed(self.cfg.seed, stage.name))
             metrics["stages"][stage.name] = StageTrainer(self, index, stage, sdir).evaluate_saved()
         return metrics
 
@@ -162,15 +169,15 @@ class Runner:
 
             log.info("stage %s already finished; skipping", stage.name)
             return json.loads(result_file.read_text())
-        set_seed(self.cfg.seed + 1000 * index)
+        set_seed(stage_seed(self.cfg.seed, stage.name))
         return StageTrainer(self, index, stage, sdir).train()
 
-    def loaders(self, stage_seed: int) -> dict[str, DataLoader]:
+    def loaders(self, seed: int) -> dict[str, DataLoader]:
         cfg, data = self.cfg.data, self.data
         pin = cfg.pin_memory and torch.cuda.is_available()
         common = {"collate_fn": collate_batch, "num_workers": cfg.num_workers, "pin_memory": pin}
         return {
-            "train": DataLoader(data.train, batch_size=cfg.batch_size, sampler=EpochSampler(len(data.train), stage_seed), **common),
+            "train": DataLoader(data.train, batch_size=cfg.batch_size, sampler=EpochSampler(len(data.train), seed), **common),
             "val": DataLoader(data.val, batch_size=cfg.eval_batch_size, shuffle=False, **common),
             "test": DataLoader(data.test, batch_size=cfg.eval_batch_size, shuffle=False, **common),
         }
@@ -189,7 +196,7 @@ class StageTrainer:
 
     def _build(self) -> None:
         r, stage = self.runner, self.stage
-        loaders = r.loaders(r.cfg.seed + 1000 * self.index)
+        loaders = r.loaders(stage_seed(r.cfg.seed, self.stage.name))
         ctx = BuildContext(
             config=r.cfg,
             run_dir=r.run_dir,
