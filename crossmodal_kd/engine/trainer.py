@@ -180,6 +180,8 @@ class Runner:
             "train": DataLoader(data.train, batch_size=cfg.batch_size, sampler=EpochSampler(len(data.train), seed), **common),
             "val": DataLoader(data.val, batch_size=cfg.eval_batch_size, shuffle=False, **common),
             "test": DataLoader(data.test, batch_size=cfg.eval_batch_size, shuffle=False, **common),
+            # a fixed training batch for methods that size or probe modules (never validation data)
+            "probe": DataLoader(data.train, batch_size=min(cfg.eval_batch_size, 512), shuffle=False, **common),
         }
 
 
@@ -202,7 +204,7 @@ class StageTrainer:
             run_dir=r.run_dir,
             input_shapes=r.data.input_shapes,
             num_classes=r.data.num_classes,
-            sample_batch=next(iter(loaders["val"])),
+            sample_batch=next(iter(loaders["probe"])),
             where=f"stages[{self.index}].method.params",
             num_train=len(r.data.train),
         )

@@ -51,7 +51,7 @@ class MGDFR(Distiller):
     Our reading of the modality-general decisive features of Xue et al. (ICLR 2023, "The Modality
     Focusing Hypothesis") as run by the public MST-Distill code (``MGDFR.py``): a feature channel of the
     teacher is modality-general when the prediction it drives is reproducible from the student's
-    modality. So, once at construction, on ``ctx.sample_batch`` (the first validation batch), each
+    modality. So, once at construction, on ``ctx.sample_batch`` (a fixed batch of the training split), each
     channel ``d`` of ``teacher.<layer>`` is shuffled across the batch and its salience is the MSE
     between the teacher's logits and those of ``reference``, a trained network that sees only the
     student's modality (e.g. the no-KD student): the larger, the more the teacher's agreement with
