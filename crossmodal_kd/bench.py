@@ -73,8 +73,14 @@ def load_bench(path: str | Path) -> BenchConfig:
         raise ConfigError("invalid benchmark\n  " + "\n  ".join(lines)) from None
 
 
-def run_bench(bench: BenchConfig, *, fast_dev_run: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Run (or resume) every run of the benchmark; return one record per (row, variant, seed)."""
+def run_bench(
+    bench: BenchConfig, *, fast_dev_run: bool = False, progress: bool = True, report_only: bool = False
+) -> list[dict[str, Any]]:
+    """Run (or resume) every run of the benchmark; return one record per (row, variant, seed).
+
+    ``report_only``: train nothing, collect the runs that have finished (``metrics.json`` with every
+    reported stage), e.g. to tabulate a benchmark that is still running elsewhere.
+    """
     out = Path(bench.output_dir)
     records = []
     # seed-major, so an interrupted benchmark has whole seeds of every experiment and variant
@@ -83,9 +89,14 @@ def run_bench(bench: BenchConfig, *, fast_dev_run: bool = False, progress: bool 
         run_dir = out / (exp.name or Path(exp.config).stem) / variant / f"seed{seed}"
         if progress:
             print(f"[{i}/{len(runs)}] {exp.config} variant={variant} seed={seed} -> {run_dir}", flush=True)
-        overrides = [*exp.overrides, *bench.variants[variant], f"seed={seed}"]
-        cfg = load_config(exp.config, overrides)
-        metrics = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress).run()
+        if report_only:
+            metrics = _finished_metrics(run_dir, [row.stage for row in exp.rows])
+            if metrics is None:
+                continue
+        else:
+            overrides = [*exp.overrides, *bench.variants[variant], f"seed={seed}"]
+            cfg = load_config(exp.config, overrides)
+            metrics = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress).run()
         for row in exp.rows:
             if row.stage not in metrics["stages"]:
                 raise ConfigError(f"benchmark row '{row.label}': no stage '{row.stage}' in {exp.config}")
@@ -99,6 +110,14 @@ def run_bench(bench: BenchConfig, *, fast_dev_run: bool = False, progress: bool 
                 "samples_per_s": stage["train_samples_per_s"], "peak_memory_mb": stage["peak_memory_mb"],
             })
     return records
+
+
+def _finished_metrics(run_dir: Path, stages: list[str]) -> dict[str, Any] | None:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics if all(s in metrics["stages"] for s in stages) else None
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

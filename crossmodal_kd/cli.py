@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=int, nargs="+", help="override the file's seeds")
     b.add_argument("--output-dir")
     b.add_argument("--fast-dev-run", action="store_true")
+    b.add_argument("--report-only", action="store_true", help="train nothing; tabulate the finished runs")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_bench)
 
@@ -131,7 +132,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.seeds = args.seeds
     if args.output_dir:
         bench.output_dir = args.output_dir
-    records = run_bench(bench, fast_dev_run=args.fast_dev_run, progress=not args.no_progress)
+    records = run_bench(bench, fast_dev_run=args.fast_dev_run, progress=not args.no_progress, report_only=args.report_only)
+    if not records:
+        print(f"no finished runs under {bench.output_dir}")
+        return 1
     table = write_reports(bench, records)
     print(f"\n{table}\n\n(written to {bench.output_dir}/results.md, .csv, .png)")
     return 0
