@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,25 @@ crossmodal_kd.load_components()
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CONFIGS = REPO / "tests" / "configs"
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+CPU_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(launcher_args: list[str], script: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """``ACCELERATE_USE_CPU=1 accelerate launch LAUNCHER_ARGS --main_process_port FREE SCRIPT...`` in the
+    repository; must succeed."""
+    if not ACCELERATE.exists():
+        pytest.skip("accelerate launcher not installed in this environment")
+    cmd = [str(ACCELERATE), "launch", *launcher_args, "--main_process_port", str(free_port()), *script]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **CPU_ENV}, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
 
 
 @pytest.fixture(autouse=True)

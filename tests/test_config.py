@@ -211,9 +211,11 @@ def test_dump_config_round_trips(tmp_path):
 
 def _shipped_configs() -> list[Path]:
     """Every run config in the repository. ``_name.yaml`` files are ``base:`` fragments (checked through the
-    configs that include them); ``configs/bench/`` holds benchmark specs, another schema."""
+    configs that include them); ``configs/bench/`` holds benchmark specs and ``configs/accelerate/`` launcher
+    files, other schemas (tests/test_bench.py and tests/test_launch_recipes.py check those)."""
     paths = sorted(TEST_CONFIGS.glob("*.yaml")) + sorted((REPO / "configs").rglob("*.yaml"))
-    return [p for p in paths if not p.name.startswith("_") and "bench" not in p.relative_to(REPO).parts[:-1]]
+    other = {"bench", "accelerate"}
+    return [p for p in paths if not p.name.startswith("_") and not other & set(p.relative_to(REPO).parts[:-1])]
 
 
 @pytest.mark.parametrize("path", _shipped_configs(), ids=lambda p: str(p.relative_to(REPO)))

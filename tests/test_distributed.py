@@ -2,41 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TEST_CONFIGS, read_json, stable_metrics
+from conftest import ACCELERATE, REPO, TEST_CONFIGS, accelerate_launch, read_json, stable_metrics
 from crossmodal_kd.engine.report import read_jsonl
 
 pytestmark = pytest.mark.slow
 
-ACCELERATE = Path(sys.executable).with_name("accelerate")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(num_processes: int, config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def launch(num_processes: int, config: Path, out: Path, *extra: str):
     # `accelerate launch --cpu --num_processes 2` starts ONE process (its CPU launcher expects mpirun);
     # `--multi_gpu` goes through torchrun, and with ACCELERATE_USE_CPU=1 and no GPU the processes use gloo.
     mode = ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
-    cmd = [
-        str(ACCELERATE), "launch", *mode, "--num_processes", str(num_processes), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        "tools/train.py", str(config), "--no-progress", "--output-dir", str(out), *extra,
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+    return accelerate_launch(
+        [*mode, "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+        ["tools/train.py", str(config), "--no-progress", "--output-dir", str(out), *extra],
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,6 +12,7 @@ import torch
 
 from crossmodal_kd.data.avdigits_build import (
     AVDIGITS_VERSION,
+    CLASS_NAMES,
     CorruptDatasetError,
     build_avdigits,
     default_params,
@@ -44,6 +45,12 @@ class AVDigits:
         self.recipe = {**default_params(), **recipe}
         key = params_key({"seed": seed, **self.recipe})
         self.path = Path(root) / "avdigits" / f"v{AVDIGITS_VERSION}-{key}"
+
+    def input_spec(self) -> tuple[dict[str, tuple[int, ...]], int]:
+        """``(input_shapes, num_classes)`` the recipe produces, without building or reading the data."""
+        r = self.recipe
+        frames = round(r["sample_rate"] * r["clip_seconds"]) // r["hop_length"] + 1  # centred STFT frames
+        return {"image": (1, 28, 28), "audio": (1, r["n_mels"], frames)}, len(CLASS_NAMES)
 
     def build(self, progress: bool = True, force: bool = False) -> Path:
         if not force and self._is_valid():

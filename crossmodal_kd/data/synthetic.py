@@ -34,6 +34,10 @@ class Synthetic:
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.shapes = {"image": tuple(image_shape), "audio": tuple(audio_shape)}
 
+    def input_spec(self) -> tuple[dict[str, tuple[int, ...]], int]:
+        """``(input_shapes, num_classes)`` without generating the data."""
+        return dict(self.shapes), self.num_classes
+
     def check(self) -> list[str]:
         return []
 

@@ -18,7 +18,7 @@ import shutil
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from crossmodal_kd.config import RunConfig, StageConfig, dump_config
+from crossmodal_kd.config import ConfigError, RunConfig, StageConfig, dump_config
 from crossmodal_kd.data import DataSplits, EpochSampler, build_dataset, collate_batch
 from crossmodal_kd.engine.checkpoint import latest_good_checkpoint, load_trainer_state, save_checkpoint
 from crossmodal_kd.engine.context import BuildContext, load_model, model_path, save_model, stage_dir
@@ -57,13 +57,61 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state()
     acc = cfg.accelerator
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=acc.mixed_precision,
         gradient_accumulation_steps=acc.gradient_accumulation_steps,
         cpu=acc.cpu,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=acc.find_unused_parameters)],
     )
+    if acc.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate would silently train in fp32 (it has no fp16 autocast/grad scaler on CPU)
+        raise ConfigError(
+            "accelerator.mixed_precision=fp16 needs a GPU; on CPU use bf16 (CPU autocast) or 'no'"
+        )
+    return accelerator
+
+
+def build_training(ctx: BuildContext, index: int, stage: StageConfig, total_steps: int) -> tuple[Any, Any, Any]:
+    """A stage's method, optimizer and scheduler, built from its config (not yet prepared)."""
+    method = METHODS.build(stage.method.name, stage.method.params, where=ctx.where, ctx=ctx)
+    params = [p for p in method.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError(f"stage '{stage.name}': method '{stage.method.name}' has no trainable parameters")
+    optimizer = OPTIMIZERS.build(stage.optimizer.name, stage.optimizer.params, where=f"stages[{index}].optimizer.params", params=params)
+    scheduler = SCHEDULERS.build(
+        stage.scheduler.name,
+        stage.scheduler.params,
+        where=f"stages[{index}].scheduler.params",
+        optimizer=optimizer,
+        total_steps=total_steps,
+    )
+    return method, optimizer, scheduler
+
+
+def train_step(
+    acc: Accelerator,
+    method: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    batch: dict[str, torch.Tensor],
+    grad_clip_norm: float | None = None,
+    check: Callable[[torch.Tensor, dict[str, torch.Tensor]], None] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step (forward, summed losses, backward, clip, optimizer and scheduler step) under
+    gradient accumulation; ``check(loss, losses)`` runs before the backward pass."""
+    with acc.accumulate(method):
+        _, losses = method(batch)
+        loss = sum(losses.values())
+        if check is not None:
+            check(loss, losses)
+        acc.backward(loss)
+        if acc.sync_gradients and grad_clip_norm:
+            acc.clip_grad_norm_(method.parameters(), grad_clip_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, losses
 
 
 class Runner:
@@ -208,20 +256,9 @@ class StageTrainer:
             where=f"stages[{self.index}].method.params",
             num_train=len(r.data.train),
         )
-        method = METHODS.build(stage.method.name, stage.method.params, where=ctx.where, ctx=ctx)
-        params = [p for p in method.parameters() if p.requires_grad]
-        if not params:
-            raise TrainingError(f"stage '{stage.name}': method '{stage.method.name}' has no trainable parameters")
-        optimizer = OPTIMIZERS.build(stage.optimizer.name, stage.optimizer.params, where=f"stages[{self.index}].optimizer.params", params=params)
         batches = min(len(loaders["train"]), FAST_DEV_BATCHES) if self.fast else len(loaders["train"])
         self.steps_per_epoch = math.ceil(batches / r.cfg.accelerator.gradient_accumulation_steps)
-        scheduler = SCHEDULERS.build(
-            stage.scheduler.name,
-            stage.scheduler.params,
-            where=f"stages[{self.index}].scheduler.params",
-            optimizer=optimizer,
-            total_steps=self.steps_per_epoch * self.epochs,
-        )
+        method, optimizer, scheduler = build_training(ctx, self.index, stage, self.steps_per_epoch * self.epochs)
         (self.method, self.optimizer, self.scheduler, self.train_loader, self.val_loader, self.test_loader) = self.acc.prepare(
             method, optimizer, scheduler, loaders["train"], loaders["val"], loaders["test"]
         )
@@ -271,16 +308,10 @@ class StageTrainer:
         for step, batch in enumerate(self.train_loader):
             if limit is not None and step >= limit:
                 break
-            with acc.accumulate(method):
-                _, losses = method(batch)
-                loss = sum(losses.values())
-                self._check_finite(loss, losses, epoch, step)
-                acc.backward(loss)
-                if acc.sync_gradients and self.stage.grad_clip_norm:
-                    acc.clip_grad_norm_(method.parameters(), self.stage.grad_clip_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            loss, losses = train_step(
+                acc, method, self.optimizer, self.scheduler, batch, self.stage.grad_clip_norm,
+                check=lambda loss, losses: self._check_finite(loss, losses, epoch, step),
+            )
             bs = batch["label"].shape[0]
             for k, v in {"loss": loss, **losses}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() * bs
