@@ -9,8 +9,12 @@ A benchmark file::
       audio: [networks.student=audio_net, networks.crossmodal_teacher=image_net]
     experiments:
       - config: configs/avdigits/compare.yaml
+        seeds: [0]                  # optional: this experiment's own seeds
         rows:                       # which (stage, model) of the run is reported, under which label
           - {label: KD from T_mm, stage: kd_mm, model: student}
+
+Rows with the same label (and variant) are pooled across experiments: two configs whose stages are
+identical (stage seeds depend only on the run seed and the stage name) can share a row.
 
 Every run lives in ``<output_dir>/<experiment>/<variant>/seed<k>``; an interrupted benchmark resumes
 (finished stages and runs are skipped).
@@ -44,6 +48,7 @@ class Experiment(Strict):
     name: str | None = Field(None, description="run folder name; default: the config's file name")
     rows: list[Row] = Field(min_length=1)
     overrides: list[str] = Field(default_factory=list)
+    seeds: list[int] | None = Field(None, description="this experiment's seeds (default: the benchmark's)")
 
 
 class BenchConfig(Strict):
@@ -84,7 +89,8 @@ def run_bench(
     out = Path(bench.output_dir)
     records = []
     # seed-major, so an interrupted benchmark has whole seeds of every experiment and variant
-    runs = [(e, v, s) for s in bench.seeds for e in bench.experiments for v in bench.variants]
+    seeds = sorted({s for e in bench.experiments for s in (e.seeds or bench.seeds)})
+    runs = [(e, v, s) for s in seeds for e in bench.experiments if s in (e.seeds or bench.seeds) for v in bench.variants]
     for i, (exp, variant, seed) in enumerate(runs, 1):
         run_dir = out / (exp.name or Path(exp.config).stem) / variant / f"seed{seed}"
         if progress:

@@ -130,6 +130,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench = load_bench(args.bench_file)
     if args.seeds:
         bench.seeds = args.seeds
+        for exp in bench.experiments:
+            exp.seeds = None
     if args.output_dir:
         bench.output_dir = args.output_dir
     records = run_bench(bench, fast_dev_run=args.fast_dev_run, progress=not args.no_progress, report_only=args.report_only)
