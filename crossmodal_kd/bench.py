@@ -148,11 +148,10 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary:
+        pct = lambda key: f"{100 * r[key + '_mean']:.2f}" + (f" ± {100 * r[key + '_std']:.2f}" if r["seeds"] > 1 else "")
         lines.append(
             f"| {r['variant']} | {r['method']} | {r['seeds']} "
-            f"| {100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f} "
-            f"| {100 * r['test_macro_f1_mean']:.2f} ± {100 * r['test_macro_f1_std']:.2f} "
-            f"| {100 * r['val_accuracy_mean']:.2f} ± {100 * r['val_accuracy_std']:.2f} "
+            f"| {pct('test_accuracy')} | {pct('test_macro_f1')} | {pct('val_accuracy')} "
             f"| {r['train_time_s_mean']:.1f} | {r['samples_per_s_mean']:.0f} | {r['peak_memory_mb_mean']:.0f} |"
         )
     return "\n".join(lines)
