@@ -11,6 +11,7 @@ Run directory::
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import platform
@@ -213,8 +214,6 @@ class Runner:
         sdir = stage_dir(self.run_dir, stage.name)
         result_file = sdir / "result.json"
         if result_file.is_file() and self.resume:
-            import json
-
             log.info("stage %s already finished; skipping", stage.name)
             return json.loads(result_file.read_text())
         set_seed(stage_seed(self.cfg.seed, stage.name))
