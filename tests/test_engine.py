@@ -166,6 +166,17 @@ def test_saved_model_loads_by_path_and_gives_the_same_logits(reference):
     assert type(load_model(model_path(run_dir, "teacher", "model"))).__name__ == "FusionNet"
 
 
+def test_load_model_works_in_a_fresh_interpreter(reference):
+    """A model file is usable from a bare ``load_model`` call: the registries fill themselves."""
+    import subprocess
+    import sys
+
+    path = model_path(reference[0], "teacher", "model")
+    code = f"from crossmodal_kd.engine.context import load_model; print(type(load_model({str(path)!r})).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "FusionNet"
+
+
 def test_load_model_errors(tmp_path, reference):
     run_dir = reference[0]
     with pytest.raises(FileNotFoundError, match="model file not found"):

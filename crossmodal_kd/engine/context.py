@@ -32,6 +32,9 @@ def attach_spec(module: nn.Module, registry: str, name: str, params: Mapping[str
 
 
 def build_from_spec(spec: Mapping[str, Any], where: str) -> nn.Module:
+    from crossmodal_kd import load_components  # a bare `load_model` in a fresh interpreter needs the registries
+
+    load_components()
     registry = ALL_REGISTRIES[spec["registry"]]
     context = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec["context"].items()}
     if "input_shapes" in context:
