@@ -124,6 +124,29 @@ def test_crd_bank_rows_move_towards_the_batch_and_nothing_else(ctx):
         method(dict(batch, index=torch.tensor([0, 1, 2, 2 * N_TRAIN])))
 
 
+def test_crd_positive_is_the_other_sides_bank_row_of_the_sample(ctx):
+    method = build(ctx, "crd", bank_size=N_TRAIN, nce_k=8, feat_dim=8).train()
+    batch = make_batch(4)
+    with torch.no_grad():
+        v_s = method.embed_s(method.student(batch)["features"])
+    rows = torch.cat([batch["index"].unsqueeze(1), torch.zeros(4, 8, dtype=torch.long)], 1)
+    scores = method._scores(v_s, method.bank_t, rows, 0)
+    expected = torch.exp((method.bank_t[batch["index"]] * v_s).sum(1) / method.nce_t) / method.z[0]
+    assert torch.allclose(scores[:, 0], expected, rtol=1e-5)
+
+
+def test_crd_warmup_makes_the_first_epoch_ce_only_then_ramps_linearly(ctx):
+    method = build(ctx, "crd", bank_size=N_TRAIN, nce_k=8, feat_dim=8, warmup_epochs=2).train()
+    batch = make_batch()
+    factors = []
+    for epoch in range(4):
+        method.on_epoch_start(epoch)
+        factors.append(method.epoch_info()["crd_warmup"])
+        crd = method(batch)[1]["crd"]
+        assert (crd.item() == 0.0) == (epoch == 0)
+    assert factors == [0.0, 0.5, 1.0, 1.0]
+
+
 def _crd_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     import torch.distributed as dist
 
