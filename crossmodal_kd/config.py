@@ -47,6 +47,9 @@ class DataConfig(Strict):
     eval_batch_size: int = Field(512, gt=0)
     num_workers: int = Field(0, ge=0)
     pin_memory: bool = True
+    views: dict[str, Component] = Field(
+        default_factory=dict, description="derived modalities: {new_modality: {name: view, params: {source, ...}}}"
+    )
 
 
 class AcceleratorConfig(Strict):

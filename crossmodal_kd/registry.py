@@ -125,6 +125,7 @@ MASKS: Registry = Registry("mask")
 LOSSES: Registry = Registry("loss")
 OPTIMIZERS: Registry = Registry("optimizer")
 SCHEDULERS: Registry = Registry("scheduler")
+VIEWS: Registry = Registry("view")
 
 ALL_REGISTRIES = {
     "datasets": DATASETS,
@@ -136,4 +137,5 @@ ALL_REGISTRIES = {
     "losses": LOSSES,
     "optimizers": OPTIMIZERS,
     "schedulers": SCHEDULERS,
+    "views": VIEWS,
 }

@@ -37,6 +37,7 @@ from crossmodal_kd.engine.metrics import classification_metrics
 from crossmodal_kd.engine.report import plot_curves, read_jsonl, results_table, write_jsonl
 from crossmodal_kd.io import atomic_write_json, atomic_write_text
 from crossmodal_kd.registry import METHODS, OPTIMIZERS, SCHEDULERS, import_plugins
+from crossmodal_kd.views import ViewSet
 
 log = logging.getLogger(__name__)
 FAST_DEV_BATCHES = 2
@@ -140,6 +141,7 @@ class Runner:
                     f"{self.accelerator.num_processes} processes"
                 )
         self.data: DataSplits | None = None
+        self.views = ViewSet(cfg.data.views)
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
@@ -249,9 +251,9 @@ class StageTrainer:
         ctx = BuildContext(
             config=r.cfg,
             run_dir=r.run_dir,
-            input_shapes=r.data.input_shapes,
+            input_shapes=r.views.input_shapes(r.data.input_shapes),
             num_classes=r.data.num_classes,
-            sample_batch=next(iter(loaders["probe"])),
+            sample_batch=r.views(next(iter(loaders["probe"]))),
             where=f"stages[{self.index}].method.params",
             num_train=len(r.data.train),
         )
@@ -307,6 +309,7 @@ class StageTrainer:
         for step, batch in enumerate(self.train_loader):
             if limit is not None and step >= limit:
                 break
+            batch = self.runner.views(batch)
             loss, losses = train_step(
                 acc, method, self.optimizer, self.scheduler, batch, self.stage.grad_clip_norm,
                 check=lambda loss, losses: self._check_finite(loss, losses, epoch, step),
@@ -352,6 +355,7 @@ class StageTrainer:
         for step, batch in enumerate(loader):
             if self.fast and step >= FAST_DEV_BATCHES:
                 break
+            batch = self.runner.views(batch)
             with acc.autocast():
                 logits = core.predict(batch)
                 if with_loss:
