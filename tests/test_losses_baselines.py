@@ -1,4 +1,4 @@
-"""Baseline losses against values computed by hand on tiny tensors."""
+"""Distillation losses against values computed by hand on tiny tensors."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from crossmodal_kd.losses import (
     hint_mse,
     nce_loss,
     non_target_kl,
+    perturbed_feature_mse,
     rkd_angle,
     rkd_distance,
     target_kl,
+    text_anchored_contrastive,
 )
 from crossmodal_kd.methods.c2kd import kendall_tau
 
@@ -86,6 +88,27 @@ def test_nce_loss():
     scores = torch.tensor([[2.0, 1.0, 0.5]])  # positive 2, K = 2 negatives; m = K / N = 0.5 with N = 4
     expected = -(math.log(2 / 2.5) + math.log(0.5 / 1.5) + math.log(0.5 / 1.0))
     assert nce_loss(scores, noise_prob=0.25).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_perturbed_feature_mse_adds_noise_to_the_teacher_only():
+    student, teacher = torch.tensor([[1.0, 2.0]], requires_grad=True), torch.tensor([[0.0, 4.0]])
+    assert perturbed_feature_mse(student, teacher, sigma=0.0).item() == pytest.approx((1 + 4) / 2)
+    noise = torch.randn(1, 2, generator=torch.Generator().manual_seed(3))
+    loss = perturbed_feature_mse(student, teacher, sigma=0.5, generator=torch.Generator().manual_seed(3))
+    target = [0.0 + 0.5 * noise[0, 0].item(), 4.0 + 0.5 * noise[0, 1].item()]
+    assert loss.item() == pytest.approx(((1 - target[0]) ** 2 + (2 - target[1]) ** 2) / 2, rel=1e-6)
+    loss.backward()
+    assert student.grad is not None and not teacher.requires_grad
+
+
+def test_text_anchored_contrastive():
+    anchors = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # normalised to the axes
+    embeddings = torch.tensor([[1.0, 1.0], [0.0, 5.0]])
+    c = 1 / math.sqrt(2)  # cos of the first embedding with both anchors
+    expected = (-math.log(math.exp(c / 0.5) / (2 * math.exp(c / 0.5)))
+                - math.log(math.exp(1 / 0.5) / (math.exp(0.0) + math.exp(1 / 0.5)))) / 2
+    loss = text_anchored_contrastive(embeddings, anchors, torch.tensor([0, 1]), temperature=0.5)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_kendall_tau():

@@ -1,8 +1,8 @@
 """Distillation losses (``LOSSES``). Every loss casts to fp32 first, so mixed precision cannot overflow it."""
 
-from crossmodal_kd.losses.contrastive import nce_loss
+from crossmodal_kd.losses.contrastive import nce_loss, text_anchored_contrastive
 from crossmodal_kd.losses.decoupled import dkd_loss, drop_target, non_target_kl, target_kl
-from crossmodal_kd.losses.feature import hint_mse, pairwise_distances, rkd_angle, rkd_distance
+from crossmodal_kd.losses.feature import hint_mse, pairwise_distances, perturbed_feature_mse, rkd_angle, rkd_distance
 from crossmodal_kd.losses.kd import cross_entropy, kd_kl, load_balance_kl
 
 __all__ = [
@@ -15,7 +15,9 @@ __all__ = [
     "nce_loss",
     "non_target_kl",
     "pairwise_distances",
+    "perturbed_feature_mse",
     "rkd_angle",
     "rkd_distance",
     "target_kl",
+    "text_anchored_contrastive",
 ]

@@ -1,4 +1,4 @@
-"""Feature-level losses: FitNets hints and RKD's relational (distance and angle) terms."""
+"""Feature-level losses: FitNets hints, TMKD's perturbed feature KD, RKD's relational (distance and angle) terms."""
 
 from __future__ import annotations
 
@@ -12,6 +12,21 @@ from crossmodal_kd.registry import LOSSES
 def hint_mse(regressed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """FitNets (Romero et al., 2015): mean squared error between regressed student and teacher features."""
     return F.mse_loss(regressed.float(), target.float())
+
+
+@LOSSES.register("perturbed_feature")
+def perturbed_feature_mse(
+    student_features: torch.Tensor, teacher_features: torch.Tensor, sigma: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """TMKD's feature KD: MSE to the teacher's features plus Gaussian noise of std ``sigma`` (teacher side only).
+
+    The noise is drawn fresh per call (``generator`` for reproducibility) and carries no gradient.
+    """
+    target = teacher_features.detach().float()
+    if sigma > 0:
+        noise = torch.randn(target.shape, generator=generator, dtype=target.dtype, device="cpu" if generator else target.device)
+        target = target + sigma * noise.to(target.device)
+    return F.mse_loss(student_features.float(), target)
 
 
 def pairwise_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
