@@ -87,3 +87,21 @@ def test_engine_trains_a_network_on_a_view_modality(tmp_path):
     })
     metrics = Runner(cfg, tmp_path / "run", progress=False).run()
     assert 0.0 <= metrics["stages"]["hf"]["models"]["model"]["test"]["accuracy"] <= 1.0
+
+
+def test_multiview_teacher_shares_one_backbone_and_fuses_with_weights_summing_to_one():
+    from crossmodal_kd.models.networks import build_network
+
+    shapes = {"image": (1, 12, 12), "image_edge": (1, 12, 12), "image_hf": (1, 12, 12)}
+    cnn = {"name": "small_cnn", "params": {"channels": [8]}}
+    net = build_network("multiview", {"views": list(shapes), "encoder": cnn}, shapes, 5).eval()
+    single = build_network("unimodal", {"modality": "image", "encoder": cnn}, shapes, 5)
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in single.parameters())
+    batch = {m: torch.randn(4, *s) for m, s in shapes.items()}
+    out = net(batch)
+    assert out["logits"].shape == (4, 5) and out["view_weights"].shape == (4, 3)
+    assert torch.allclose(out["view_weights"].sum(1), torch.ones(4))
+    per_view = torch.stack([net.encoder(batch[m]) for m in shapes], 1)
+    assert torch.allclose(out["features"], per_view.mean(1), atol=1e-6)  # uniform router = plain average
+    with pytest.raises(ValueError, match="one shape"):
+        build_network("multiview", {"views": ["image", "audio"], "encoder": cnn}, {**shapes, "audio": (1, 8, 8)}, 5)

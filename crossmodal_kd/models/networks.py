@@ -107,3 +107,52 @@ class FusionNet(Network):
         drop = torch.rand(b, device=feats[0].device) < self.modality_dropout
         which = torch.randint(n, (b,), device=feats[0].device)
         return [f * ~(drop & (which == i)).unsqueeze(1) for i, f in enumerate(feats)]
+
+
+@NETWORKS.register("multiview")
+class MultiViewNet(Network):
+    """TMKD's multi-view visual teacher: one backbone shared by all views, per-view features fused by a router.
+
+    ``views`` are modalities (usually derived by ``data.views``), all of one shape. Per instance, the router
+    (``ROUTERS``: ``uniform`` = plain averaging, ``text_guided`` = CLIP prompt similarity) weights the views'
+    features, ``F = sum_v w_v f_v``, and one head classifies ``F``. The router is called with per-view
+    logits ``(B, V, C)`` of the shared head and the batch; ``view_weights`` (B, V) are returned for logging.
+    """
+
+    def __init__(
+        self,
+        input_shapes: Mapping[str, Sequence[int]],
+        num_classes: int,
+        views: Sequence[str],
+        encoder: Mapping[str, Any],
+        router: Mapping[str, Any] | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        from crossmodal_kd.registry import ROUTERS
+
+        super().__init__()
+        if not views:
+            raise ValueError("network 'multiview' needs at least one view")
+        shapes = {tuple(input_shapes[v]) if v in input_shapes else None for v in views}
+        self.modalities = tuple(views)
+        self.encoder = _build_encoder(encoder, views[0], input_shapes)
+        if len(shapes) != 1 or None in shapes:
+            raise ValueError(f"network 'multiview': views {list(views)} must be modalities of one shape; have {dict(input_shapes)}")
+        self.feature_dim = self.encoder.out_dim
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.feature_dim, num_classes)
+        router = dict(router or {"name": "uniform"})
+        self.router = ROUTERS.build(
+            router["name"], router.get("params"), where="network 'multiview' router",
+            num_teachers=len(views), num_classes=num_classes, feature_dim=self.feature_dim,
+        )
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        b = batch[self.modalities[0]].shape[0]
+        stacked = torch.cat([batch[v] for v in self.modalities])  # one backbone call for all views
+        view_features = self.encoder(stacked).reshape(len(self.modalities), b, -1).transpose(0, 1)  # (B, V, D)
+        view_logits = self.head(view_features)
+        mean_out = {"logits": view_logits.mean(1), "features": view_features.mean(1)}
+        weights = self.router(mean_out, view_logits, batch).weights.to(view_features.dtype)
+        fused = (weights.unsqueeze(-1) * view_features).sum(1)
+        return {"logits": self.head(self.dropout(fused)), "features": fused, "view_weights": weights}
