@@ -126,6 +126,7 @@ LOSSES: Registry = Registry("loss")
 OPTIMIZERS: Registry = Registry("optimizer")
 SCHEDULERS: Registry = Registry("scheduler")
 VIEWS: Registry = Registry("view")
+CLIP_BACKENDS: Registry = Registry("clip backend")
 
 ALL_REGISTRIES = {
     "datasets": DATASETS,
@@ -138,4 +139,5 @@ ALL_REGISTRIES = {
     "optimizers": OPTIMIZERS,
     "schedulers": SCHEDULERS,
     "views": VIEWS,
+    "clip_backends": CLIP_BACKENDS,
 }

@@ -1,0 +1,52 @@
+"""The WordNet-relaxed CLIP teacher's foundation (SPEC 3): offline WordNet, CLIP backends, the noun pool.
+
+- :mod:`~crossmodal_kd.clip.wordnet`: ``load_wordnet()``, nltk's reader, prepared offline from the
+  Debian WordNet database when nltk has no data.
+- :mod:`~crossmodal_kd.clip.backends`: ``ClipBackend`` (one interface for image and text encoders),
+  the ``CLIP_BACKENDS`` registry and its ``open_clip`` backend.
+- :mod:`~crossmodal_kd.clip.nouns`: noun pools without the class names, cached prompt embeddings,
+  spherical k-means image-aware filtering.
+
+Heavy imports (open_clip, nltk) happen on first use, so importing this package is cheap.
+"""
+
+from crossmodal_kd.clip.backends import CLIP_BACKENDS, ClipBackend, OpenClipBackend, build_clip_backend
+from crossmodal_kd.clip.nouns import (
+    DEFAULT_TEMPLATES,
+    PAPER_TEMPLATES,
+    NounPool,
+    NounSelection,
+    class_name_synonyms,
+    class_tree_nouns,
+    filter_nouns_by_images,
+    noun_embeddings,
+    noun_pool,
+    spherical_kmeans,
+    split_class_nouns,
+    tree_nouns,
+    wordnet_nouns,
+)
+from crossmodal_kd.clip.wordnet import WordNetUnavailableError, load_wordnet, prepare_wordnet
+
+__all__ = [
+    "CLIP_BACKENDS",
+    "DEFAULT_TEMPLATES",
+    "PAPER_TEMPLATES",
+    "ClipBackend",
+    "NounPool",
+    "NounSelection",
+    "OpenClipBackend",
+    "WordNetUnavailableError",
+    "build_clip_backend",
+    "class_name_synonyms",
+    "class_tree_nouns",
+    "filter_nouns_by_images",
+    "load_wordnet",
+    "noun_embeddings",
+    "noun_pool",
+    "prepare_wordnet",
+    "spherical_kmeans",
+    "split_class_nouns",
+    "tree_nouns",
+    "wordnet_nouns",
+]
