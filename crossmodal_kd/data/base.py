@@ -18,7 +18,11 @@ class DataError(RuntimeError):
 
 
 class ArrayDataset(Dataset):
-    """In-memory paired modalities. ``__getitems__`` returns a collated batch (no per-sample Python)."""
+    """In-memory paired modalities. ``__getitems__`` returns a collated batch (no per-sample Python).
+
+    Floating-point modalities come out as float32 (whatever they are stored as); integer ones (token
+    ids) as int64.
+    """
 
     def __init__(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         n = len(labels)
@@ -32,11 +36,11 @@ class ArrayDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**{k: v[i].float() for k, v in self.arrays.items()}, "label": self.labels[i], "index": i}
+        return {**{k: _as_input(v[i]) for k, v in self.arrays.items()}, "label": self.labels[i], "index": i}
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        batch = {k: v[idx].float() for k, v in self.arrays.items()}
+        batch = {k: _as_input(v[idx]) for k, v in self.arrays.items()}
         batch["label"] = self.labels[idx]
         batch["index"] = idx
         return batch
@@ -44,6 +48,10 @@ class ArrayDataset(Dataset):
     @property
     def modalities(self) -> list[str]:
         return list(self.arrays)
+
+
+def _as_input(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() else t.long()
 
 
 def collate_batch(batch: Any) -> Any:
