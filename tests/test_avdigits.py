@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from crossmodal_kd.data import build_dataset
-from crossmodal_kd.data.avdigits_build import CorruptDatasetError, build_avdigits, default_params, verify_avdigits
+from crossmodal_kd.data.array_folder import CorruptDatasetError
+from crossmodal_kd.data.avdigits_build import build_avdigits, default_params, verify_avdigits
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (make install)")
 

@@ -190,7 +190,12 @@ def test_textdigits_is_deterministic_checked_and_noisy(tmp_path, tiny_bert):
     assert batch["text"].dtype == torch.int64 and batch["image"].dtype == torch.float32
     assert ds.check() == []
     (ds.path / "caption.npy").write_bytes((ds.path / "caption.npy").read_bytes()[:-8])
-    assert "caption.npy: sha256 mismatch" in ds.check()[0]
+    assert "caption.npy: unreadable" in ds.check()[0]  # truncated
+    ds.load()
+    raw = bytearray((ds.path / "label.npy").read_bytes())
+    raw[-1] ^= 1
+    (ds.path / "label.npy").write_bytes(bytes(raw))
+    assert "label.npy: sha256 mismatch" in ds.check()[0]  # edited in place
     ds.load()  # a damaged cache is rebuilt
     assert ds.check() == []
 

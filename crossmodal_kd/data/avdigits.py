@@ -13,11 +13,11 @@ import torch
 from crossmodal_kd.data.avdigits_build import (
     AVDIGITS_VERSION,
     CLASS_NAMES,
-    CorruptDatasetError,
     build_avdigits,
     default_params,
     verify_avdigits,
 )
+from crossmodal_kd.data.array_folder import CorruptDatasetError
 from crossmodal_kd.data.base import ArrayDataset, DataSplits, load_npy, params_key
 from crossmodal_kd.registry import DATASETS
 

@@ -33,8 +33,7 @@ import torchaudio
 from sklearn.datasets import load_digits
 from tqdm import tqdm
 
-from crossmodal_kd.data.base import DataError
-from crossmodal_kd.io import sha256_file
+from crossmodal_kd.data.array_folder import verify_array_folder, write_array_folder
 
 AVDIGITS_VERSION = 1
 
@@ -82,10 +81,6 @@ _DEFAULTS: dict[str, Any] = {
     "n_fft": 256,
     "hop_length": 160,
 }
-
-
-class CorruptDatasetError(DataError):
-    """A dataset file is missing, truncated, edited or inconsistent with its manifest."""
 
 
 def default_params() -> dict[str, Any]:
@@ -301,69 +296,13 @@ def build_avdigits(out_dir: str | Path, *, seed: int = 0, progress: bool = True,
     :func:`default_params`; unknown keys raise ``ValueError``.
     """
     params = _resolve_params(params)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
-    try:
-        arrays, voices = _arrays(params, seed, progress)
-        files = {}
-        for name, arr in arrays.items():
-            path = tmp / f"{name}.npy"
-            np.save(path, arr)
-            files[path.name] = {"sha256": sha256_file(path), "shape": list(arr.shape), "dtype": str(arr.dtype)}
-        manifest = {
-            "name": "avdigits",
-            "version": AVDIGITS_VERSION,
-            "seed": seed,
-            "params": params,
-            "files": files,
-            "counts": {s: int((arrays["split"] == i).sum()) for i, s in enumerate(SPLITS)},
-            "class_names": CLASS_NAMES,
-            "voices": voices,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "data")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    arrays, voices = _arrays(params, seed, progress)
+    counts = {s: int((arrays["split"] == i).sum()) for i, s in enumerate(SPLITS)}
+    manifest = {"name": "avdigits", "version": AVDIGITS_VERSION, "seed": seed, "params": params,
+                "counts": counts, "class_names": CLASS_NAMES, "voices": voices}
+    return write_array_folder(out_dir, arrays, manifest)
 
 
 def verify_avdigits(out_dir: str | Path) -> None:
-    """Check every file against ``manifest.json`` (presence, shape, dtype, size, sha256).
-
-    Raises :class:`CorruptDatasetError` naming the first bad or missing file.
-    """
-    out_dir = Path(out_dir)
-    manifest_path = out_dir / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CorruptDatasetError(f"{manifest_path}: unreadable manifest ({e})") from e
-    missing = [f"{name}.npy" for name in ARRAY_FILES if f"{name}.npy" not in files]
-    if missing or manifest.get("name") != "avdigits":
-        raise CorruptDatasetError(f"{manifest_path}: not an avdigits manifest (missing entries {missing})")
-    for filename, meta in files.items():
-        path = out_dir / filename
-        if not path.is_file():
-            raise CorruptDatasetError(f"{path}: missing")
-        try:
-            arr = np.load(path, mmap_mode="r")
-            expected_size = arr.offset + arr.nbytes
-        except (OSError, ValueError) as e:
-            raise CorruptDatasetError(f"{path}: unreadable ({e})") from e
-        if list(arr.shape) != meta["shape"] or str(arr.dtype) != meta["dtype"]:
-            raise CorruptDatasetError(f"{path}: shape {list(arr.shape)} dtype {arr.dtype}, "
-                                      f"manifest says {meta['shape']} {meta['dtype']}")
-        del arr
-        if path.stat().st_size != expected_size:
-            raise CorruptDatasetError(f"{path}: {path.stat().st_size} bytes, expected {expected_size}")
-        if sha256_file(path) != meta["sha256"]:
-            raise CorruptDatasetError(f"{path}: sha256 mismatch (file edited or damaged)")
+    """Check every file against ``manifest.json``; :class:`CorruptDatasetError` names the first bad one."""
+    verify_array_folder(out_dir, "avdigits", ARRAY_FILES)

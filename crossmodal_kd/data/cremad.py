@@ -42,7 +42,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from crossmodal_kd.data.base import ArrayDataset, DataError, DataSplits, load_npy, params_key, stratified_split
-from crossmodal_kd.io import atomic_write_json, sha256_file
+from crossmodal_kd.data.array_folder import CorruptDatasetError, verify_array_folder, write_array_folder
+from crossmodal_kd.io import atomic_write_json
 from crossmodal_kd.registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -420,18 +421,12 @@ class CremaD:
 
     def _cache_problem(self, names: list[str]) -> str | None:
         """Why the cache cannot be used as is (``None`` when it can)."""
-        manifest_path = self.cache_dir / "manifest.json"
         try:
-            manifest = json.loads(manifest_path.read_text())
-            files, clips, params = manifest["files"], manifest["clips"], manifest["params"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            return f"{manifest_path}: missing or unreadable cache manifest ({exc})"
-        if params != asdict(self.params) or clips != names:
-            return f"{manifest_path}: cache made for other parameters or clip lists"
-        for m in MODALITIES:
-            path = self.cache_dir / f"{m}.npy"
-            if m not in files or not path.is_file() or sha256_file(path) != files[m]["sha256"]:
-                return f"{path}: cache file missing or damaged (sha256 mismatch)"
+            manifest = verify_array_folder(self.cache_dir, "cremad", MODALITIES)
+        except CorruptDatasetError as exc:
+            return str(exc)
+        if manifest.get("params") != asdict(self.params) or manifest.get("clips") != names:
+            return f"{self.cache_dir / 'manifest.json'}: cache made for other parameters or clip lists"
         return None
 
     def _build_cache(self, names: list[str]) -> dict[str, np.ndarray]:
@@ -443,16 +438,8 @@ class CremaD:
         decode = lambda name: decode_clip(self.base, name, self.params)  # noqa: E731
         for i, (frames, mel) in enumerate(self._parallel(decode, names, "cremad: decoding")):
             arrays["image"][i], arrays["audio"][i] = frames, mel
-        manifest_path = self.cache_dir / "manifest.json"
-        manifest_path.unlink(missing_ok=True)  # a build cut short leaves no valid manifest behind
-        files = {}
-        for m, arr in arrays.items():
-            path = self.cache_dir / f"{m}.npy"
-            _atomic_save_npy(path, arr)
-            files[m] = {"sha256": sha256_file(path), "shape": list(arr.shape), "dtype": str(arr.dtype)}
-        atomic_write_json(manifest_path, {
-            "name": "cremad", "version": CACHE_VERSION, "params": asdict(self.params), "files": files, "clips": names,
-        })
+        manifest = {"name": "cremad", "version": CACHE_VERSION, "params": asdict(self.params), "clips": names}
+        write_array_folder(self.cache_dir, arrays, manifest)
         return arrays
 
     def _parallel(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str) -> Iterator[T]:
@@ -463,16 +450,6 @@ class CremaD:
             yield from tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=None if self.progress else True)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def synthesise_tree(

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ import torch
 
 from crossmodal_kd.data.avdigits_build import CLASS_NAMES, draw_partners, image_pool
 from crossmodal_kd.data.base import ArrayDataset, DataError, DataSplits, load_npy, params_key
-from crossmodal_kd.io import sha256_file
+from crossmodal_kd.data.array_folder import verify_array_folder, write_array_folder
 from crossmodal_kd.models.text import load_tokenizer, tokenize
 from crossmodal_kd.registry import DATASETS
 
@@ -231,50 +229,18 @@ def _arrays(recipe: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
 
 
 def build_textdigits(out_dir: str | Path, *, seed: int = 0, **recipe: Any) -> Path:
-    """Build the dataset into ``out_dir`` (replacing it) and return ``out_dir``; deterministic in ``seed``.
-
-    Written to a temporary sibling and moved into place when complete, as avdigits is.
-    """
+    """Build the dataset into ``out_dir`` (replacing it, atomically) and return it; deterministic in ``seed``."""
     recipe = {**default_params(), **recipe}
     for key in ("uninformative", "mislabelled", "distractor", "typo_rate"):
         if not 0 <= recipe[key] <= 1:
             raise ValueError(f"textdigits: {key} must be in [0, 1], got {recipe[key]}")
     if recipe["uninformative"] + recipe["mislabelled"] > 1:
         raise ValueError("textdigits: uninformative + mislabelled must not exceed 1")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
-        files = {}
-        for name, arr in _arrays(recipe, seed).items():
-            np.save(tmp / f"{name}.npy", arr)
-            files[f"{name}.npy"] = {"sha256": sha256_file(tmp / f"{name}.npy"), "shape": list(arr.shape),
-                                    "dtype": str(arr.dtype)}
-        manifest = {"name": "textdigits", "version": TEXTDIGITS_VERSION, "seed": seed, "params": recipe,
-                    "files": files, "class_names": CLASS_NAMES}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    manifest = {"name": "textdigits", "version": TEXTDIGITS_VERSION, "seed": seed, "params": recipe,
+                "class_names": CLASS_NAMES}
+    return write_array_folder(out_dir, _arrays(recipe, seed), manifest)
 
 
 def verify_textdigits(out_dir: str | Path) -> None:
-    """Check every array file against ``manifest.json``; :class:`DataError` names the first bad file."""
-    manifest_path = Path(out_dir) / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    if manifest.get("name") != "textdigits" or sorted(files) != sorted(f"{n}.npy" for n in ARRAY_FILES):
-        raise DataError(f"{manifest_path}: not a textdigits manifest")
-    for filename, meta in files.items():
-        path = manifest_path.parent / filename
-        if not path.is_file():
-            raise DataError(f"{path}: missing")
-        if sha256_file(path) != meta["sha256"]:
-            raise DataError(f"{path}: sha256 mismatch (file edited or damaged)")
+    """Check every array file against ``manifest.json``; :class:`CorruptDatasetError` names the first bad file."""
+    verify_array_folder(out_dir, "textdigits", ARRAY_FILES)
