@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
@@ -95,7 +94,7 @@ def import_plugins(modules: list[str]) -> None:
         if entry.endswith(".py"):
             path = Path(entry).resolve()
             if not path.is_file():
-                raise FileNotFoundError(f"imports: plugin file not found: {entry}")
+                raise FileNotFoundError(f"imports: plugin file not found: {entry} (looked for {path})")
             # keyed by the full path: two plug-in files with the same name in different folders both load
             digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
             mod_name = f"crossmodal_kd_plugin_{path.stem}_{digest}"
@@ -127,6 +126,7 @@ OPTIMIZERS: Registry = Registry("optimizer")
 SCHEDULERS: Registry = Registry("scheduler")
 VIEWS: Registry = Registry("view")
 CLIP_BACKENDS: Registry = Registry("clip backend")
+AUGMENTATIONS: Registry = Registry("augmentation")
 
 ALL_REGISTRIES = {
     "datasets": DATASETS,
@@ -140,4 +140,5 @@ ALL_REGISTRIES = {
     "schedulers": SCHEDULERS,
     "views": VIEWS,
     "clip_backends": CLIP_BACKENDS,
+    "augmentations": AUGMENTATIONS,
 }

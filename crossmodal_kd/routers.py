@@ -107,3 +107,22 @@ class FixedRouter(Router):
         w = teacher_logits.new_zeros((b, self.num_teachers)).float()
         w[:, self.index] = 1.0
         return Routing(weights=w)
+
+
+@ROUTERS.register("static")
+class StaticRouter(Router):
+    """The same weights for every instance: ``weights`` (one non-negative value per teacher), normalised
+    to sum to 1 (validation-weighted ensembles, hand-set mixtures)."""
+
+    def __init__(self, num_teachers: int, weights: list[float], num_classes: int = 0, feature_dim: int = 0) -> None:
+        super().__init__(num_teachers)
+        w = torch.as_tensor(weights, dtype=torch.float32).flatten()
+        if w.numel() != num_teachers or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(
+                f"router 'static': weights must be {num_teachers} non-negative values, not all zero; got {list(weights)}"
+            )
+        self.register_buffer("weights", w / w.sum())
+
+    def forward(self, student_out, teacher_logits: torch.Tensor, batch=None) -> Routing:
+        b = teacher_logits.shape[0]
+        return Routing(weights=self.weights.to(teacher_logits.device).expand(b, -1).clone())

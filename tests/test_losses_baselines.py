@@ -118,3 +118,21 @@ def test_kendall_tau():
     # row 3: x constant -> 0
     expected = [4 / 6, -1.0, 5 / math.sqrt(30), 0.0]
     assert kendall_tau(x, y).tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_hierarchical_loss_of_the_relaxed_clip_teacher():
+    from crossmodal_kd.losses import hierarchical_loss, hierarchical_terms
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    class_text = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # n_class of class 0 and 1 (any norm)
+    relaxed = torch.tensor([[1.0, 1.0], [0.0, 3.0]])  # cos to its class: 1/sqrt(2), 1
+    pretrained = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # cos to relaxed: 1/sqrt(2), 0
+    ce = (-math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(2)) / 2
+    c = 1 / math.sqrt(2)
+    terms = hierarchical_terms(logits, labels, relaxed, class_text, pretrained, w_class=0.2, w_pre=0.005)
+    assert terms["ce"].item() == pytest.approx(ce, rel=1e-6)
+    assert terms["class"].item() == pytest.approx(0.2 * ((1 - c) + 0) / 2, rel=1e-6)
+    assert terms["pretrained"].item() == pytest.approx(0.005 * ((1 - c) + 1) / 2, rel=1e-6)
+    total = hierarchical_loss(logits, labels, relaxed, class_text, pretrained)  # defaults 0.2 / 0.005 (SPEC 3)
+    assert total.item() == pytest.approx(ce + 0.1 * (1 - c) + 0.0025 * (2 - c), rel=1e-6)

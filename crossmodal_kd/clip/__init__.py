@@ -3,14 +3,15 @@
 - :mod:`~crossmodal_kd.clip.wordnet`: ``load_wordnet()``, nltk's reader, prepared offline from the
   Debian WordNet database when nltk has no data.
 - :mod:`~crossmodal_kd.clip.backends`: ``ClipBackend`` (one interface for image and text encoders),
-  the ``CLIP_BACKENDS`` registry and its ``open_clip`` backend.
+  the ``CLIP_BACKENDS`` registry, its ``open_clip`` backend and ``text_aligned``, the offline stand-in
+  (a locked pretrained text encoder and an image network aligned to it by an ``align_to_text`` stage).
 - :mod:`~crossmodal_kd.clip.nouns`: noun pools without the class names, cached prompt embeddings,
   spherical k-means image-aware filtering.
 
 Heavy imports (open_clip, nltk) happen on first use, so importing this package is cheap.
 """
 
-from crossmodal_kd.clip.backends import CLIP_BACKENDS, ClipBackend, OpenClipBackend, build_clip_backend
+from crossmodal_kd.clip.backends import CLIP_BACKENDS, ClipBackend, OpenClipBackend, TextAlignedBackend, build_clip_backend
 from crossmodal_kd.clip.nouns import (
     DEFAULT_TEMPLATES,
     PAPER_TEMPLATES,
@@ -36,6 +37,7 @@ __all__ = [
     "NounPool",
     "NounSelection",
     "OpenClipBackend",
+    "TextAlignedBackend",
     "WordNetUnavailableError",
     "build_clip_backend",
     "class_name_synonyms",

@@ -11,23 +11,30 @@ Registered backends (``CLIP_BACKENDS``):
     weights (tests and smoke runs only; it warns). The package ships small configs in
     ``crossmodal_kd/clip/model_configs`` (``tiny_open_clip``: builds offline in a second).
 
-Adding a backend (the planned ``text_aligned`` one: a transformers text encoder from
-``crossmodal_kd/models/text.py`` plus an image encoder and a trained image projection into the text
-space) takes a subclass and a name::
+``text_aligned``
+    The offline stand-in for CLIP (pretrained CLIP weights cannot be fetched here, SPEC 7): a real
+    pretrained text encoder (``text_model``, default ``minilm`` = all-MiniLM-L6-v2, mean-pooled,
+    frozen) and an image network trained into its space on the *training split* with the text tower
+    locked (LiT-style), by an ``align_to_text`` stage; ``image_model`` is that stage's saved model
+    file (a ``text_aligned_image`` network). Its image embeddings are therefore supervised by the
+    training labels (through the class prompts), not open-world: use it to exercise the pipeline and
+    as an honest, clearly-labelled substitute, and swap in ``open_clip`` with a real checkpoint
+    where one can be downloaded.
 
-    @CLIP_BACKENDS.register("text_aligned")
-    class TextAlignedBackend(ClipBackend):
-        def __init__(self, text_encoder: str, image_checkpoint: str, input_mean=None, input_std=None):
-            super().__init__(image_size=..., mean=..., std=..., input_mean=input_mean, input_std=input_std)
+Adding a backend takes a subclass and a name::
+
+    @CLIP_BACKENDS.register("my_clip")
+    class MyBackend(ClipBackend):
+        def __init__(self, checkpoint: str, input_mean=None, input_std=None):
+            super().__init__(image_size=224, mean=..., std=..., input_mean=input_mean, input_std=input_std)
             self.embed_dim = ...                  # width of the shared space
-            self.cache_key = "text_aligned:..."   # names encoder *and* weights (e.g. a checkpoint sha256)
-            ...
+            self.cache_key = "my_clip:..."        # names encoder *and* weights (e.g. a checkpoint sha256)
 
         def _image_features(self, pixels):        # (B, 3, S, S), already resized and normalised
-            return self.projection(self.image_encoder(pixels))     # (B, embed_dim), any norm
+            return ...                            # (B, embed_dim), any norm
 
         def _text_features(self, texts):          # list[str] of at most the caller's batch size
-            return self.text_encoder(texts)                        # (N, embed_dim), any norm
+            return ...                            # (N, embed_dim), any norm
 
 The base class adds batching, grad control, device placement and the final L2 normalisation.
 """
@@ -304,3 +311,82 @@ def _resize_centre_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     x = F.interpolate(x, size=new, mode="bilinear", antialias=True, align_corners=False)
     top, left = (new[0] - size[0]) // 2, (new[1] - size[1]) // 2
     return x[..., top : top + size[0], left : left + size[1]]
+
+
+@CLIP_BACKENDS.register("text_aligned")
+class TextAlignedBackend(ClipBackend):
+    """The offline CLIP stand-in: a locked pretrained text tower + an image network aligned to it.
+
+    ``image_model``: the model file saved by an ``align_to_text`` stage (``stages/<stage>/models/model.pt``;
+    methods that build a backend also accept a ``{stage: ...}`` reference there). ``text_model``: the
+    text encoder (a local directory, ``minilm``, or a hub name); default, and it must equal, the one the
+    image network was aligned to (recorded in its file). ``pooling``/``max_length`` likewise.
+
+    Images are taken exactly as the dataset yields them (the image network was trained on them): no
+    resizing, no CLIP normalisation. The text tower is loaded on the first :meth:`encode_text`, so a
+    teacher that only embeds images never loads it. ``cache_key`` names the text tower and its weights
+    only: text embeddings (the noun caches) do not depend on the image network, so they are shared by
+    every image network aligned to the same text model.
+    """
+
+    def __init__(
+        self,
+        image_model: str,
+        text_model: str | None = None,
+        pooling: str | None = None,
+        max_length: int | None = None,
+        allow_download: bool = False,
+    ) -> None:
+        from crossmodal_kd.engine.context import load_model
+        from crossmodal_kd.models.aligned import TextAlignedImageNet, text_model_id
+
+        if not isinstance(image_model, (str, os.PathLike)):
+            raise TypeError(
+                f"text_aligned backend: image_model must be a model file path, got {image_model!r} "
+                "(a {stage: ...} reference is resolved by the method that builds the backend)"
+            )
+        net = load_model(image_model)
+        if not isinstance(net, TextAlignedImageNet):
+            raise TypeError(
+                f"text_aligned backend: {image_model} holds a '{net.build_spec['name']}' network, not a "
+                "'text_aligned_image' one (the model saved by an align_to_text stage)"
+            )
+        aligned = {"model": "minilm", "pooling": "mean", "max_length": 64, **net.text}
+        given = {"text_model": ("model", text_model), "pooling": ("pooling", pooling), "max_length": ("max_length", max_length)}
+        for param, (key, value) in given.items():
+            if value is not None and value != aligned[key]:
+                raise ValueError(
+                    f"text_aligned backend: {param}={value!r}, but {image_model} was aligned to {key}={aligned[key]!r}"
+                )
+        super().__init__(image_size=net.input_shape[-2:], input_mean=None, input_std=None)
+        self.image_net = net.eval().requires_grad_(False)
+        self.text_spec = {**aligned, "allow_download": allow_download}
+        self._text_tower = None
+        self.embed_dim = net.embed_dim
+        self.cache_key = (
+            f"text_aligned:{aligned['model']}:{text_model_id(aligned['model'])}:"
+            f"{aligned['pooling']}:{aligned['max_length']}"
+        )
+
+    def train(self, mode: bool = True) -> "TextAlignedBackend":
+        return super().train(False)  # a frozen encoder: never dropout / batch-norm updates
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """The dataset's tensors on the backend's device, float; shape checked against the image network."""
+        if tuple(images.shape[1:]) != tuple(self.image_net.input_shape):
+            raise ValueError(
+                f"text_aligned backend: expected images {tuple(self.image_net.input_shape)} (what the image "
+                f"network was trained on), got {tuple(images.shape[1:])}"
+            )
+        x = images.to(self.device)
+        return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_net.embed(pixels)[0]
+
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        if self._text_tower is None:
+            from crossmodal_kd.models.aligned import TextTower
+
+            self._text_tower = TextTower(**self.text_spec).to(self.device)  # a submodule: moves with .to()
+        return self._text_tower(texts)

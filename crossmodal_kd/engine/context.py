@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from pydantic import ValidationError
@@ -78,6 +78,21 @@ class BuildContext:
     sample_batch: dict[str, torch.Tensor] = field(repr=False)
     where: str = ""
     num_train: int = 0  # size of the training split (memory banks)
+    class_names: list[str] = field(default_factory=list)  # the dataset's, index = label
+    train_data: Any = field(default=None, repr=False)  # the training split (methods that scan it once)
+    views: Any = field(default=None, repr=False)  # the run's ViewSet (batch -> batch), applied by train_batches
+
+    def train_batches(self, batch_size: int = 512) -> Iterator[dict[str, torch.Tensor]]:
+        """The whole training split in order (no shuffling, no augmentation), views applied, on the CPU:
+        for methods that summarise the training set when they are built (e.g. image-aware noun filtering)."""
+        if self.train_data is None:
+            raise ConfigError(f"{self.where}: this method scans the training split, which the build context lacks")
+        from torch.utils.data import DataLoader
+
+        from crossmodal_kd.data import collate_batch
+
+        for batch in DataLoader(self.train_data, batch_size=batch_size, shuffle=False, collate_fn=collate_batch):
+            yield self.views(batch) if self.views is not None else batch
 
     def network(self, name: str) -> nn.Module:
         """A freshly initialised network from the run's ``networks:`` section."""

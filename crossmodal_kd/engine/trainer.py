@@ -21,7 +21,6 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState
@@ -100,8 +99,9 @@ def train_step(
     grad_clip_norm: float | None = None,
     check: Callable[[torch.Tensor, dict[str, torch.Tensor]], None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One training step (forward, summed losses, backward, clip, optimizer and scheduler step) under
-    gradient accumulation; ``check(loss, losses)`` runs before the backward pass."""
+    """One training step (forward, summed losses, backward, clip, optimizer step, the method's
+    ``after_step()``, scheduler step) under gradient accumulation; ``check(loss, losses)`` runs before
+    the backward pass."""
     with acc.accumulate(method):
         _, losses = method(batch)
         loss = sum(losses.values())
@@ -111,6 +111,8 @@ def train_step(
         if acc.sync_gradients and grad_clip_norm:
             acc.clip_grad_norm_(method.parameters(), grad_clip_norm)
         optimizer.step()
+        if acc.sync_gradients:  # the parameters changed: constraints such as renormalisation go here
+            acc.unwrap_model(method).after_step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return loss, losses
@@ -256,6 +258,9 @@ class StageTrainer:
             sample_batch=r.views(next(iter(loaders["probe"]))),
             where=f"stages[{self.index}].method.params",
             num_train=len(r.data.train),
+            class_names=list(r.data.class_names),
+            train_data=r.data.train,
+            views=r.views,
         )
         batches = min(len(loaders["train"]), FAST_DEV_BATCHES) if self.fast else len(loaders["train"])
         self.steps_per_epoch = math.ceil(batches / r.cfg.accelerator.gradient_accumulation_steps)

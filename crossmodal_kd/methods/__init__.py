@@ -1,7 +1,9 @@
-"""Training methods (``METHODS``): supervised training, KD baselines, MST-Distill stages."""
+"""Training methods (``METHODS``): supervised training, KD baselines, MST-Distill stages, the WordNet-relaxed
+CLIP teacher (``align_to_text``, ``wordnet_clip``) and multi-teacher distillation (``multi_kd``)."""
 
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.methods import (  # noqa: F401
+    align,
     c2kd,
     collaborative,
     crd,
@@ -11,8 +13,10 @@ from crossmodal_kd.methods import (  # noqa: F401
     masking,
     mgdfr,
     mst_distill,
+    multi_teacher,
     rkd,
     supervised,
+    wordnet_clip,
 )
 
 __all__ = ["Method"]

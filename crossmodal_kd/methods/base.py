@@ -32,6 +32,7 @@ class Method(nn.Module):
     - ``forward(batch) -> (outputs, {term: weighted loss})``; the engine sums and logs the terms.
     - ``predict(batch) -> {model: logits}``: what is evaluated (accuracy, macro-F1) and selected on val.
     - ``models() -> {model: module}``: what is saved, with the same keys as ``predict``.
+    - hooks: ``on_epoch_start(epoch)``, ``after_step()`` (after each optimizer step), ``epoch_info()``.
     """
 
     def __init__(self, ctx: BuildContext) -> None:
@@ -72,6 +73,10 @@ class Method(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (loss-weight schedules live here)."""
         self.epoch = epoch
+
+    def after_step(self) -> None:
+        """Called by the engine after each optimizer step that updated the parameters (not on the
+        accumulation steps in between): projections and constraints, e.g. renormalising a matrix."""
 
     def epoch_info(self) -> dict[str, float]:
         """Scalars to log each epoch besides the losses (e.g. current loss weights)."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from crossmodal_kd.augment import AugmentSet
 from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.losses import cross_entropy
 from crossmodal_kd.methods.base import Method
@@ -10,14 +13,24 @@ from crossmodal_kd.registry import METHODS
 
 @METHODS.register("supervised")
 class Supervised(Method):
-    """Cross-entropy on one network named under ``networks:`` (saved as model ``model``)."""
+    """Cross-entropy on one network named under ``networks:`` (saved as model ``model``).
 
-    def __init__(self, ctx: BuildContext, network: str, label_smoothing: float = 0.0) -> None:
+    ``augment``: ``{modality: {name, params}}`` from ``AUGMENTATIONS`` (``weak``, ``strong``, ...),
+    applied to training batches only (see :mod:`crossmodal_kd.augment`), e.g. the strongly and weakly
+    augmented visual teachers of the WordNet-relaxed CLIP recipe (SPEC 3).
+    """
+
+    def __init__(
+        self, ctx: BuildContext, network: str, label_smoothing: float = 0.0, augment: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(ctx)
         self.model = ctx.network(network)
         self.label_smoothing = label_smoothing
+        self.augment = AugmentSet(augment, ctx.input_shapes, where=f"{ctx.where}.augment")
 
     def forward(self, batch):
+        if self.training and self.augment:
+            batch = self.augment(batch)
         out = self.model(batch)
         return out, {"ce": cross_entropy(out["logits"], batch["label"], self.label_smoothing)}
 

@@ -1,0 +1,50 @@
+"""The WordNet-relaxed CLIP teacher's hierarchical loss (SPEC 3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from crossmodal_kd.registry import LOSSES
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batch mean of ``1 - cos(a_i, b_i)`` over rows of ``(B, D)`` tensors (fp32)."""
+    return (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean()
+
+
+def hierarchical_terms(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    relaxed: torch.Tensor,
+    class_text: torch.Tensor,
+    relaxed_pretrained: torch.Tensor,
+    w_class: float = 0.2,
+    w_pre: float = 0.005,
+) -> dict[str, torch.Tensor]:
+    """The three weighted terms of T_x's loss: ``{"ce", "class", "pretrained"}``.
+
+    ``ce = CE(logits, labels)``; ``class = w_class * mean(1 - cos(n_class, n_relaxed))`` with
+    ``n_class = class_text[labels]``, the class-name prompt embedding of each sample's label (``class_text``
+    is ``(C, D)``; it enters the loss only, never the network); ``pretrained = w_pre * mean(1 -
+    cos(n_relaxed, n_pretrained))`` with ``n_pretrained`` the relaxed embedding over the initial noun matrix.
+    """
+    return {
+        "ce": F.cross_entropy(logits.float(), labels),
+        "class": w_class * cosine_distance(class_text[labels], relaxed),
+        "pretrained": w_pre * cosine_distance(relaxed, relaxed_pretrained),
+    }
+
+
+@LOSSES.register("hierarchical")
+def hierarchical_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    relaxed: torch.Tensor,
+    class_text: torch.Tensor,
+    relaxed_pretrained: torch.Tensor,
+    w_class: float = 0.2,
+    w_pre: float = 0.005,
+) -> torch.Tensor:
+    """``CE + w_class (1 - cos(n_class, n_relaxed)) + w_pre (1 - cos(n_relaxed, n_pretrained))``, batch means."""
+    return sum(hierarchical_terms(logits, labels, relaxed, class_text, relaxed_pretrained, w_class, w_pre).values())
