@@ -229,3 +229,16 @@ def test_every_shipped_config_parses_and_names_registered_components(path):
         METHODS.get(stage.method.name)
     for name in cfg.networks:
         NETWORKS.get(cfg.network(name).name)  # aliases resolve to a definition
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/bench").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_benchmark_names_stages_its_configs_have(path):
+    from crossmodal_kd.bench import load_bench
+
+    bench = load_bench(path)
+    for exp in bench.experiments:
+        for variant, overrides in bench.variants.items():
+            stages = {s.name for s in load_config(REPO / exp.config, [*exp.overrides, *overrides]).stages}
+            for row in exp.rows:
+                missing = {row.stage, *row.cost_stages} - stages
+                assert not missing, f"{path.name}: row '{row.label}' ({variant}) names unknown stage(s) {missing}"
