@@ -1,7 +1,7 @@
 """Datasets: each family is a registered class with ``load()`` (and optionally ``build()``, ``check()``)."""
 
 from crossmodal_kd.data.base import ArrayDataset, DataError, DataSplits, EpochSampler, collate_batch
-from crossmodal_kd.data import avdigits, avmnist, cremad, features, synthetic, textdigits  # noqa: F401  (registration)
+from crossmodal_kd.data import avdigits, avmnist, cremad, features, images, synthetic, textdigits  # noqa: F401  (registration)
 from crossmodal_kd.registry import DATASETS
 
 __all__ = ["ArrayDataset", "DataError", "DataSplits", "EpochSampler", "collate_batch", "DATASETS", "build_dataset"]

@@ -6,11 +6,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 class DataError(RuntimeError):
@@ -48,6 +51,35 @@ class ArrayDataset(Dataset):
     @property
     def modalities(self) -> list[str]:
         return list(self.arrays)
+
+
+class NormalisedArrayDataset(ArrayDataset):
+    """:class:`ArrayDataset` over compact arrays (uint8 images, float16 log-mels), normalised per batch by
+    ``normalise(modality, tensor)`` (so the stored arrays stay small)."""
+
+    def __init__(
+        self, arrays: dict[str, torch.Tensor], labels: torch.Tensor, normalise: Callable[[str, torch.Tensor], torch.Tensor]
+    ) -> None:
+        super().__init__(arrays, labels)
+        self.normalise = normalise
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**{k: self.normalise(k, v[i]) for k, v in self.arrays.items()}, "label": self.labels[i], "index": i}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {**{k: self.normalise(k, v[idx]) for k, v in self.arrays.items()}, "label": self.labels[idx], "index": idx}
+
+
+def decode_rgb(path: Path) -> "Image.Image":
+    """One image file, fully decoded, as RGB; :class:`DataError` naming the file when it cannot be."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
 
 
 def _as_input(t: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from crossmodal_kd.data.base import ArrayDataset, DataError, DataSplits, load_npy, params_key, stratified_split
+from crossmodal_kd.data.base import (
+    DataError,
+    DataSplits,
+    NormalisedArrayDataset,
+    decode_rgb,
+    load_npy,
+    params_key,
+    stratified_split,
+)
 from crossmodal_kd.data.array_folder import CorruptDatasetError, verify_array_folder, write_array_folder
 from crossmodal_kd.io import atomic_write_json
 from crossmodal_kd.registry import DATASETS
@@ -124,15 +132,6 @@ def frame_files(folder: Path) -> list[Path]:
     return files
 
 
-def decode_rgb(path: Path) -> Image.Image:
-    """One image file, fully decoded, as RGB; :class:`DataError` naming the file when it cannot be."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
-        raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
-
-
 def decode_frame(path: Path, size: int) -> torch.Tensor:
     """One RGB frame resized (bilinear, antialiased) to uint8 ``(3, size, size)``."""
     img = decode_rgb(path).resize((size, size), Image.Resampling.BILINEAR)
@@ -201,21 +200,6 @@ class Normaliser:
     def __call__(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         mean, std = self.stats[modality]
         return (x.float() - mean) / std
-
-
-class NormalisedArrayDataset(ArrayDataset):
-    """:class:`ArrayDataset` over compact arrays (uint8 frames, float16 log-mels), z-scored per batch."""
-
-    def __init__(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor, normalise: Normaliser) -> None:
-        super().__init__(arrays, labels)
-        self.normalise = normalise
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**{k: self.normalise(k, v[i]) for k, v in self.arrays.items()}, "label": self.labels[i], "index": i}
-
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {**{k: self.normalise(k, v[idx]) for k, v in self.arrays.items()}, "label": self.labels[idx], "index": idx}
 
 
 class LazyClips(Dataset):

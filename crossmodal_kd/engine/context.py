@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from crossmodal_kd.config import ConfigError, ModelRef, RunConfig
+from crossmodal_kd.config import Component, ConfigError, ModelRef, RunConfig
 from crossmodal_kd.io import atomic_torch_save
 from crossmodal_kd.registry import ALL_REGISTRIES
 
@@ -94,17 +94,24 @@ class BuildContext:
         for batch in DataLoader(self.train_data, batch_size=batch_size, shuffle=False, collate_fn=collate_batch):
             yield self.views(batch) if self.views is not None else batch
 
-    def network(self, name: str) -> nn.Module:
-        """A freshly initialised network from the run's ``networks:`` section."""
-        from crossmodal_kd.models.networks import build_network
-
+    def network_spec(self, name: str) -> Component:
+        """The definition of ``networks.<name>`` (aliases followed); errors name the stage."""
         try:
-            spec = self.config.network(name)
+            return self.config.network(name)
         except ConfigError as exc:
             raise ConfigError(f"{self.where}: {exc}") from None
+
+    def network(self, name: str, params: Mapping[str, Any] | None = None) -> nn.Module:
+        """A freshly initialised network from the run's ``networks:`` section; ``params`` replace the
+        configured ones (for methods that resolve references in them first). The saved file records
+        the params it was built with."""
+        from crossmodal_kd.models.networks import build_network
+
+        spec = self.network_spec(name)
+        params = dict(spec.params if params is None else params)
         context = {"input_shapes": self.input_shapes, "num_classes": self.num_classes}
-        net = build_network(spec.name, spec.params, self.input_shapes, self.num_classes, where=f"networks.{name}")
-        return attach_spec(net, "networks", spec.name, spec.params, context)
+        net = build_network(spec.name, params, self.input_shapes, self.num_classes, where=f"networks.{name}")
+        return attach_spec(net, "networks", spec.name, params, context)
 
     def ref(self, value: Any, key: str) -> ModelRef:
         try:
@@ -121,6 +128,20 @@ class BuildContext:
         if ref.stage not in names:
             raise ConfigError(f"{self.where}.{key}: no stage named '{ref.stage}'; stages: {', '.join(names)}")
         return model_path(self.run_dir, ref.stage, ref.model)
+
+    def backend_spec(self, backend: Any, key: str = "backend") -> dict[str, Any]:
+        """A CLIP backend ``{name, params}`` (at ``<where>.<key>``) with a ``{stage|path}`` reference in
+        ``params.image_model`` resolved to the absolute path of an existing file, so the spec can be saved
+        with a model and rebuilt from its file alone."""
+        if not isinstance(backend, Mapping) or "name" not in backend or set(backend) - {"name", "params"}:
+            raise ConfigError(f"{self.where}.{key}: expected {{name: <clip backend>, params: {{...}}}}, got {backend!r}")
+        params = dict(backend.get("params") or {})
+        if isinstance(params.get("image_model"), Mapping):
+            path = self.resolve(params["image_model"], key=f"{key}.params.image_model")
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.where}.{key}.params.image_model: {path} does not exist (has its stage run?)")
+            params["image_model"] = str(Path(path).resolve())
+        return {"name": backend["name"], "params": params}
 
     def load(self, ref: ModelRef | Mapping[str, Any], key: str = "model") -> nn.Module:
         path = self.resolve(ref, key)

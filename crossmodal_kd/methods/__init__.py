@@ -1,5 +1,6 @@
 """Training methods (``METHODS``): supervised training, KD baselines, MST-Distill stages, the WordNet-relaxed
-CLIP teacher (``align_to_text``, ``wordnet_clip``) and multi-teacher distillation (``multi_kd``)."""
+CLIP teacher (``align_to_text``, ``wordnet_clip``), multi-teacher distillation (``multi_kd``) and TMKD
+(``tmkd_teacher``, ``tmkd``)."""
 
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.methods import (  # noqa: F401
@@ -16,6 +17,7 @@ from crossmodal_kd.methods import (  # noqa: F401
     multi_teacher,
     rkd,
     supervised,
+    tmkd,
     wordnet_clip,
 )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from crossmodal_kd.augment import AugmentSet
 from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.losses import cross_entropy
@@ -24,9 +26,13 @@ class Supervised(Method):
         self, ctx: BuildContext, network: str, label_smoothing: float = 0.0, augment: dict[str, Any] | None = None
     ) -> None:
         super().__init__(ctx)
-        self.model = ctx.network(network)
+        self.model = self.build_model(ctx, network)
         self.label_smoothing = label_smoothing
         self.augment = AugmentSet(augment, ctx.input_shapes, where=f"{ctx.where}.augment")
+
+    def build_model(self, ctx: BuildContext, network: str) -> nn.Module:
+        """The network to train: ``networks.<network>`` as configured (subclasses may resolve references first)."""
+        return ctx.network(network)
 
     def forward(self, batch):
         if self.training and self.augment:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,7 +102,7 @@ class WordNetClip(Method):
             raise ConfigError(f"{ctx.where}.modality: '{modality}' not in the data; have {', '.join(ctx.input_shapes)}")
         self.w_class, self.w_pre = float(w_class), float(w_pre)
         state = PartialState()
-        backend_spec = self._backend_spec(ctx, backend)
+        backend_spec = ctx.backend_spec(backend)
         clip = build_clip_backend(backend_spec["name"], backend_spec.get("params")).to(state.device).eval()
 
         # 2-3. the pool and its (cached) prompt embeddings; rank 0 encodes, the others read its cache
@@ -148,19 +147,6 @@ class WordNetClip(Method):
         self.model = attach_spec(net, "networks", "relaxed_clip", params, context)
         self.model.set_nouns(kept_emb.cpu())
         self.register_buffer("class_text", class_text.cpu(), persistent=False)  # loss only, never an input
-
-    @staticmethod
-    def _backend_spec(ctx: BuildContext, backend: dict[str, Any]) -> dict[str, Any]:
-        """``backend`` with a ``{stage|path}`` reference in ``params.image_model`` resolved to an absolute path."""
-        if not isinstance(backend, dict) or "name" not in backend or set(backend) - {"name", "params"}:
-            raise ConfigError(f"{ctx.where}.backend: expected {{name: <clip backend>, params: {{...}}}}, got {backend!r}")
-        params = dict(backend.get("params") or {})
-        if isinstance(params.get("image_model"), dict):
-            path = ctx.resolve(params["image_model"], key="backend.params.image_model")
-            if not path.is_file():
-                raise FileNotFoundError(f"{ctx.where}.backend.params.image_model: {path} does not exist (has its stage run?)")
-            params["image_model"] = str(Path(path).resolve())
-        return {"name": backend["name"], "params": params}
 
     @staticmethod
     def _pool(ctx: BuildContext, names: list[str], params: dict[str, Any]) -> NounPool:

@@ -116,7 +116,8 @@ class MultiViewNet(Network):
     ``views`` are modalities (usually derived by ``data.views``), all of one shape. Per instance, the router
     (``ROUTERS``: ``uniform`` = plain averaging, ``text_guided`` = CLIP prompt similarity) weights the views'
     features, ``F = sum_v w_v f_v``, and one head classifies ``F``. The router is called with per-view
-    logits ``(B, V, C)`` of the shared head and the batch; ``view_weights`` (B, V) are returned for logging.
+    logits ``(B, V, C)`` of the shared head and the batch, and built with the view names (``views``) when it
+    takes them; ``view_weights`` (B, V) are returned for logging.
     """
 
     def __init__(
@@ -128,7 +129,7 @@ class MultiViewNet(Network):
         router: Mapping[str, Any] | None = None,
         dropout: float = 0.0,
     ) -> None:
-        from crossmodal_kd.registry import ROUTERS
+        from crossmodal_kd.routers import build_router
 
         super().__init__()
         if not views:
@@ -141,10 +142,9 @@ class MultiViewNet(Network):
         self.feature_dim = self.encoder.out_dim
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.feature_dim, num_classes)
-        router = dict(router or {"name": "uniform"})
-        self.router = ROUTERS.build(
-            router["name"], router.get("params"), where="network 'multiview' router",
-            num_teachers=len(views), num_classes=num_classes, feature_dim=self.feature_dim,
+        self.router = build_router(
+            router or {"name": "uniform"}, where="network 'multiview' router",
+            num_teachers=len(views), num_classes=num_classes, feature_dim=self.feature_dim, views=self.modalities,
         )
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,355 @@
+"""Image classification sets for TMKD (SPEC 6): ImageFolder trees (``imagefolder``) and CIFAR-100 (``cifar100``).
+
+Samples are ``{"image": (3, S, S) float32, "label", "index"}``, z-scored per RGB channel with the mean and
+std (in [0, 1] pixel units) of the *training* part only; the family object keeps them as ``stats`` after
+``load()`` (e.g. a CLIP backend's ``input_mean``/``input_std``, so it can undo the normalisation). Images
+are held as uint8 and normalised per batch. Class names are made to read well in prompts
+("a photo of a {}."): underscores become spaces.
+
+``imagefolder``: ``<root>/<name>/{train,val,test}/<class>/*.jpg|jpeg|png`` (CUB-200, DTD, Stanford Dogs,
+RAF-DB style; ``val`` optional). Classes are the ``train`` sub-folders in sorted order (index = label);
+``val``/``test`` may hold a subset of them. Every image is decoded once with PIL (RGB), scaled so its
+short side is ``image_size`` and centre-cropped to a square, into a checksummed uint8 array folder
+``<root>/<name>/.cache/<hash of the decoding parameters>/`` (:mod:`~crossmodal_kd.data.array_folder`),
+rebuilt when damaged or when any file is added, removed or resized. Without ``val``, validation is
+carved from train, stratified (``val_fraction``, ``split_seed``). Folder names become class names after
+dropping a numeric or WordNet-id prefix (``001.Black_footed_Albatross`` -> "Black footed Albatross",
+``n02085620-Chihuahua`` -> "Chihuahua"); ``class_names: {folder: name}`` overrides any (RAF-DB's "1".."7").
+
+``cifar100``: the python pickle layout ``<root>/cifar-100-python/{train,test,meta}``; fine labels (100),
+names from ``meta`` (``aquarium_fish`` -> "aquarium fish"), the official test split kept, validation carved
+from train. The files are Python pickles, which can run code when read: load only a copy you trust (the
+official archive).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from crossmodal_kd.data.array_folder import CorruptDatasetError, verify_array_folder, write_array_folder
+from crossmodal_kd.data.base import (
+    DataError,
+    DataSplits,
+    NormalisedArrayDataset,
+    decode_rgb,
+    load_npy,
+    params_key,
+    stratified_split,
+)
+from crossmodal_kd.registry import DATASETS
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+CACHE_VERSION = 1
+SPLITS = ("train", "val", "test")
+_PREFIX = re.compile(r"^(n\d{8}-|\d+[._-](?=\D))")  # WordNet id ("n02085620-") or number ("001.") before a name
+T = TypeVar("T")
+
+
+def prompt_name(folder: str) -> str:
+    """A class folder's name as it reads in a prompt: prefix dropped, underscores to spaces."""
+    return _PREFIX.sub("", folder).replace("_", " ").strip() or folder
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """One image file as uint8 ``(3, size, size)``: RGB, short side scaled to ``size``, centre-cropped."""
+    img = ImageOps.fit(decode_rgb(path), (size, size), method=Image.Resampling.BICUBIC)
+    return np.asarray(img).transpose(2, 0, 1).copy()
+
+
+class ChannelNormaliser:
+    """``(x / 255 - mean) / std`` per RGB channel for uint8 images ``(..., 3, H, W)``."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255.0 - self.mean) / self.std
+
+
+def channel_stats(images: np.ndarray, chunk: int = 256) -> dict[str, list[float]]:
+    """Mean and std per channel of uint8 ``(N, 3, H, W)`` images in [0, 1] units, in float64 chunk by chunk."""
+    if not len(images):
+        raise DataError("no training images to compute normalisation statistics from")
+    sums = np.zeros((2, 3))
+    for i in range(0, len(images), chunk):
+        x = images[i : i + chunk].astype(np.float64) / 255.0
+        sums += [x.sum(axis=(0, 2, 3)), (x * x).sum(axis=(0, 2, 3))]
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = sums[0] / n
+    std = np.sqrt(np.maximum(sums[1] / n - mean**2, 0.0)) + 1e-6
+    return {"mean": mean.tolist(), "std": std.tolist()}
+
+
+def make_splits(
+    images: np.ndarray, labels: np.ndarray, parts: Mapping[str, np.ndarray], class_names: list[str]
+) -> tuple[DataSplits, dict[str, list[float]]]:
+    """Datasets for the ``train``/``val``/``test`` row indices ``parts``, normalised with train statistics."""
+    stats = channel_stats(images[parts["train"]])
+    normalise = ChannelNormaliser(stats["mean"], stats["std"])
+    datasets = {
+        split: NormalisedArrayDataset(
+            {"image": torch.from_numpy(np.ascontiguousarray(images[idx]))}, torch.from_numpy(labels[idx].astype(np.int64)), normalise
+        )
+        for split, idx in parts.items()
+    }
+    shapes = {"image": tuple(int(d) for d in images.shape[1:])}
+    return DataSplits(**datasets, num_classes=len(class_names), class_names=class_names, input_shapes=shapes), stats
+
+
+def carve_validation(train_labels: np.ndarray, val_fraction: float, split_seed: int, where: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices, ``val_fraction`` of every class carved out; :class:`DataError` if either is empty."""
+    keep, val = stratified_split(train_labels, val_fraction, split_seed)
+    if not len(val) or not len(keep):
+        raise DataError(
+            f"{where}: val_fraction {val_fraction} leaves {len(keep)} training and {len(val)} validation images of "
+            f"{len(train_labels)}; change val_fraction"
+        )
+    return keep, val
+
+
+def _check_fraction(name: str, val_fraction: float) -> None:
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"{name}: val_fraction must be in (0, 1), got {val_fraction}")
+
+
+@DATASETS.register("imagefolder")
+class ImageFolder:
+    """An ImageFolder tree under ``<root>/<name>`` (see the module docstring), decoded once into a cache.
+
+    ``image_size``: side of the square images. ``class_names``: ``{folder: prompt name}`` overrides.
+    ``decode_workers``: decoding threads (default: up to 8).
+    """
+
+    modalities = ("image",)
+
+    def __init__(
+        self,
+        root: str | Path,
+        name: str,
+        image_size: int = 224,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        class_names: Mapping[str, str] | None = None,
+        decode_workers: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        _check_fraction("imagefolder", val_fraction)
+        if image_size <= 0:
+            raise ValueError(f"imagefolder: image_size must be positive, got {image_size}")
+        self.base = Path(root) / name
+        self.image_size = int(image_size)
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.name_overrides = dict(class_names or {})
+        self.workers = decode_workers or min(8, os.cpu_count() or 1)
+        self.progress = progress
+        self.cache_dir = self.base / ".cache" / params_key({"version": CACHE_VERSION, "image_size": self.image_size})
+        self.stats: dict[str, list[float]] | None = None
+
+    # ---- the tree
+    def _scan(self) -> tuple[list[str], dict[str, list[tuple[str, int]]], list[str]]:
+        """``(class folders, {split: [(path relative to the base, label)]}, problems)``; a missing ``val`` is no problem."""
+        problems: list[str] = []
+        files: dict[str, list[tuple[str, int]]] = {}
+        classes: list[str] = []
+        for split in SPLITS:
+            folder = self.base / split
+            if not folder.is_dir():
+                if split != "val":
+                    problems.append(f"{folder}: split folder not found")
+                continue
+            found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+            if split == "train":
+                classes = found
+            if not found:
+                problems.append(f"{folder}: no class folders")
+            files[split] = []
+            for cls in found:
+                if cls not in classes:
+                    problems.append(f"{folder / cls}: class folder not in {self.base / 'train'}")
+                    continue
+                images = sorted(f for f in (folder / cls).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+                if not images:
+                    problems.append(f"{folder / cls}: empty class folder (no {'/'.join(IMAGE_SUFFIXES)} files)")
+                files[split] += [(str(f.relative_to(self.base)), classes.index(cls)) for f in images]
+        unknown = sorted(set(self.name_overrides) - set(classes))
+        if unknown and classes:
+            problems.append(f"class_names: no class folder(s) {', '.join(unknown)} in {self.base / 'train'}")
+        return classes, files, problems
+
+    def check(self) -> list[str]:
+        """Every problem of the tree (missing splits, empty or unknown class folders, unreadable images), by path."""
+        _, files, problems = self._scan()
+        paths = [self.base / rel for split in files.values() for rel, _ in split]
+        for problem in self._parallel(self._image_problem, paths, "imagefolder: checking"):
+            if problem:
+                problems.append(problem)
+        return problems
+
+    def _image_problem(self, path: Path) -> str | None:
+        try:
+            decode_rgb(path)
+        except DataError as exc:
+            return str(exc)
+        return None
+
+    # ---- loading
+    def load(self) -> DataSplits:
+        classes, files, problems = self._scan()
+        if problems:
+            more = f" (and {len(problems) - 1} more; `crossmodal-kd data check imagefolder` lists them)" if len(problems) > 1 else ""
+            raise DataError(problems[0] + more)
+        listing = [(split, rel) for split in SPLITS for rel, _ in files.get(split, [])]
+        images = self._cached_images(listing, classes)
+        labels = np.array([label for split in SPLITS for _, label in files.get(split, [])], dtype=np.int64)
+        rows: dict[str, np.ndarray] = {}
+        offset = 0
+        for split in SPLITS:
+            rows[split] = np.arange(offset, offset + len(files.get(split, [])))
+            offset += len(rows[split])
+        if "val" not in files:
+            keep, val = carve_validation(labels[rows["train"]], self.val_fraction, self.split_seed, self.base / "train")
+            rows["val"], rows["train"] = rows["train"][val], rows["train"][keep]
+        names = [self.name_overrides.get(c, prompt_name(c)) for c in classes]
+        splits, self.stats = make_splits(images, labels, rows, names)
+        log.info("imagefolder %s: %s; train normalisation %s", self.base, {s: len(r) for s, r in rows.items()}, self.stats)
+        return splits
+
+    # ---- the decoding cache
+    def build(self, progress: bool | None = None, force: bool = False) -> Path:
+        """Decode every image into the cache (unless a valid one exists); returns its folder."""
+        if progress is not None:
+            self.progress = progress
+        classes, files, problems = self._scan()
+        if problems:
+            raise DataError(problems[0])
+        listing = [(split, rel) for split in SPLITS for rel, _ in files.get(split, [])]
+        if force or self._cache_problem(listing, classes):
+            self._build_cache(listing, classes)
+        return self.cache_dir
+
+    def _manifest(self, listing: list[tuple[str, str]], classes: list[str]) -> dict[str, Any]:
+        """What the cache must have been made from: parameters, classes and every file with its size."""
+        tree = [[split, rel, (self.base / rel).stat().st_size] for split, rel in listing]
+        return {"name": "imagefolder", "version": CACHE_VERSION, "image_size": self.image_size, "classes": classes, "tree": tree}
+
+    def _cached_images(self, listing: list[tuple[str, str]], classes: list[str]) -> np.ndarray:
+        problem = self._cache_problem(listing, classes)
+        if problem is None:
+            return load_npy(self.cache_dir / "images.npy", ndim=4)
+        if (self.cache_dir / "manifest.json").is_file():
+            log.warning("%s; rebuilding the cache", problem)
+        return self._build_cache(listing, classes)
+
+    def _cache_problem(self, listing: list[tuple[str, str]], classes: list[str]) -> str | None:
+        """Why the cache cannot be used as is (``None`` when it can)."""
+        try:
+            manifest = verify_array_folder(self.cache_dir, "imagefolder", ("images",))
+        except CorruptDatasetError as exc:
+            return str(exc)
+        if any(manifest.get(k) != v for k, v in self._manifest(listing, classes).items()):
+            return f"{self.cache_dir / 'manifest.json'}: cache made for other parameters or another tree"
+        return None
+
+    def _build_cache(self, listing: list[tuple[str, str]], classes: list[str]) -> np.ndarray:
+        images = np.empty((len(listing), 3, self.image_size, self.image_size), dtype=np.uint8)
+        paths = [self.base / rel for _, rel in listing]
+        for i, image in enumerate(self._parallel(partial(decode_image, size=self.image_size), paths, "imagefolder: decoding")):
+            images[i] = image
+        write_array_folder(self.cache_dir, {"images": images}, self._manifest(listing, classes))
+        return images
+
+    def _parallel(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str) -> Iterator[T]:
+        """``fn`` over ``items`` in a thread pool (PIL decoding releases the GIL), in order, with a progress bar."""
+        pool = ThreadPoolExecutor(self.workers)
+        try:
+            yield from tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=None if self.progress else True)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+@DATASETS.register("cifar100")
+class Cifar100:
+    """CIFAR-100 from its python pickles (``<root>/<subdir>/{train,test,meta}``), fine labels, 32 x 32 RGB."""
+
+    modalities = ("image",)
+    side = 32
+
+    def __init__(self, root: str | Path, subdir: str = "cifar-100-python", val_fraction: float = 0.1, split_seed: int = 0) -> None:
+        _check_fraction("cifar100", val_fraction)
+        self.base = Path(root) / subdir
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.stats: dict[str, list[float]] | None = None
+
+    def check(self) -> list[str]:
+        problems = []
+        try:
+            names = self._class_names()
+        except DataError as exc:
+            problems.append(str(exc))
+            names = None
+        for split in ("train", "test"):
+            try:
+                self._read_split(split, names)
+            except DataError as exc:
+                problems.append(str(exc))
+        return problems
+
+    def load(self) -> DataSplits:
+        names = self._class_names()
+        train_x, train_y = self._read_split("train", names)
+        test_x, test_y = self._read_split("test", names)
+        keep, val = carve_validation(train_y, self.val_fraction, self.split_seed, self.base / "train")
+        images, labels = np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])
+        rows = {"train": keep, "val": val, "test": np.arange(len(train_y), len(labels))}
+        splits, self.stats = make_splits(images, labels, rows, names)
+        return splits
+
+    def _unpickle(self, name: str) -> dict[str, Any]:
+        path = self.base / name
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        try:
+            with open(path, "rb") as f:
+                blob = pickle.load(f, encoding="latin1")
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as exc:
+            raise DataError(f"{path}: unreadable pickle ({type(exc).__name__}: {exc})") from None
+        if not isinstance(blob, dict):
+            raise DataError(f"{path}: expected a pickled dict, got {type(blob).__name__}")
+        return blob
+
+    def _class_names(self) -> list[str]:
+        names = self._unpickle("meta").get("fine_label_names")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise DataError(f"{self.base / 'meta'}: no 'fine_label_names' list of strings")
+        return [n.replace("_", " ") for n in names]
+
+    def _read_split(self, split: str, names: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 ``(N, 3, 32, 32)`` images and int64 fine labels; errors name the file."""
+        path = self.base / split
+        blob = self._unpickle(split)
+        if "data" not in blob or "fine_labels" not in blob:
+            raise DataError(f"{path}: missing 'data' or 'fine_labels' (keys: {', '.join(sorted(map(str, blob)))})")
+        data, labels = np.asarray(blob["data"]), np.asarray(blob["fine_labels"])
+        pixels = 3 * self.side * self.side
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels:
+            raise DataError(f"{path}: 'data' must be uint8 (N, {pixels}), got {data.dtype} {tuple(data.shape)}")
+        if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{path}: 'fine_labels' must hold {len(data)} integers, got {labels.dtype} {tuple(labels.shape)}")
+        if len(labels) and (labels.min() < 0 or (names is not None and labels.max() >= len(names))):
+            raise DataError(f"{path}: fine labels outside [0, {len(names) if names else '?'})")
+        return data.reshape(-1, 3, self.side, self.side), labels.astype(np.int64)

@@ -1,0 +1,169 @@
+"""TMKD (SPEC 4; Zhang et al., arXiv 2603.24208): a text-guided multi-view teacher distilled into an RGB student.
+
+Two stages:
+
+``tmkd_teacher``
+    Cross-entropy training of a ``multiview`` network (one backbone shared by the views RGB, edge,
+    high-frequency, derived by ``data.views``). With the ``text_guided`` router, a frozen CLIP backend
+    weights the views per instance by how well each view matches its prior-aware prompt for the
+    sample's class (see :class:`~crossmodal_kd.routers.TextGuidedRouter`). The router's backend may
+    name an earlier stage (``image_model: {stage: align}``) and its ``class_names`` default to the
+    dataset's; both are resolved here, before the network is built, so the saved teacher (model
+    ``model``) records file paths and names and loads by path like any other.
+
+``tmkd``
+    The RGB-only student::
+
+        L_all = CE + alpha * tau^2 KL(p_t^tau || p_s^tau)                       (logged as ``kd``)
+                   + beta  * CE_c( cos(P_txt f_s, a_c) / crd_temperature )      (``crd``)
+                   + gamma * MSE( P_feat f_s, F_t + sigma * N(0, I) )           (``feat``)
+
+    ``f_s``: the student's features; ``a_c``: the backend's text embedding of the class prompt
+    ("a photo of a {c}.", averaged over ``class_prompts``), the anchor of class ``c``; ``F_t``: the
+    teacher's fused features ``sum_v w_v f_v``, perturbed by Gaussian noise on the teacher side only.
+    ``P_txt`` and ``P_feat`` are linear projection heads trained with the student. A weight of 0 removes
+    its term and its head (and, for ``beta``, the backend).
+
+Label use, stated plainly: with ``class_source: label`` (the paper's) the text-guided router reads each
+sample's label to fill the prompts, so the *teacher's* reported validation/test accuracy is not a
+label-free number (the weights see the label); the student never reads labels at evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossmodal_kd.clip.backends import build_clip_backend
+from crossmodal_kd.config import ConfigError
+from crossmodal_kd.engine.context import BuildContext
+from crossmodal_kd.losses import perturbed_feature_mse, text_anchored_contrastive
+from crossmodal_kd.methods.kd import Distiller
+from crossmodal_kd.methods.supervised import Supervised
+from crossmodal_kd.registry import METHODS, ROUTERS
+
+CLASS_PROMPTS = ("a photo of a {}.",)
+"""The text anchors of the contrastive term: the class prompt of SPEC 4."""
+
+
+@METHODS.register("tmkd_teacher")
+class TMKDTeacher(Supervised):
+    """Train TMKD's multi-view teacher (a ``multiview`` network named ``network``) with cross-entropy.
+
+    Parameters as ``supervised`` (``label_smoothing``, ``augment``). In the network's ``router.params``,
+    a ``backend`` has its ``{stage|path}`` references resolved to files, and ``class_names`` (when the
+    router takes them and the config gives none) are the dataset's. Logs each view's mean weight per
+    epoch (``view_weight/<view>``).
+    """
+
+    def build_model(self, ctx: BuildContext, network: str) -> nn.Module:
+        spec = ctx.network_spec(network)
+        if spec.name != "multiview":
+            raise ConfigError(f"{ctx.where}.network: '{network}' is a '{spec.name}' network; tmkd_teacher trains a 'multiview' one")
+        params = copy.deepcopy(spec.params)
+        router = params.get("router")
+        if isinstance(router, dict) and "name" in router:
+            key = f"networks.{network}.params.router.params"
+            router_params = dict(router.get("params") or {})
+            if "backend" in router_params:
+                router_params["backend"] = ctx.backend_spec(router_params["backend"], key=f"{key}.backend")
+            if "class_names" in inspect.signature(ROUTERS.get(router["name"])).parameters:
+                names = list(router_params.get("class_names") or ctx.class_names)
+                if len(names) != ctx.num_classes:
+                    raise ConfigError(f"{ctx.where}: {len(names)} class names for {ctx.num_classes} classes; set {key}.class_names")
+                router_params["class_names"] = names
+            params["router"] = {"name": router["name"], "params": router_params}
+        return ctx.network(network, params)
+
+    def forward(self, batch):
+        out, losses = super().forward(batch)
+        weights = out["view_weights"].detach()
+        for i, view in enumerate(self.model.modalities):
+            self.record(f"view_weight/{view}", weights[:, i].sum(), count=len(weights))
+        return out, losses
+
+
+@METHODS.register("tmkd")
+class TMKD(Distiller):
+    """The TMKD student (see the module docstring for the loss). Saved model: ``student``.
+
+    ``student``: a network under ``networks:`` reading RGB only; ``teacher``: the ``tmkd_teacher`` stage
+    (``{stage, model}`` or ``{path}``; any network with ``features`` fits). ``backend``: the CLIP backend
+    ``{name, params}`` whose text tower embeds the class prompts (``image_model`` may be a ``{stage}``
+    reference); needed only when ``beta > 0``. ``class_names``: override the dataset's.
+
+    Defaults (the paper's values are not public): every weight 1, ``tau`` 4, ``sigma`` 0.1 (absolute, in
+    the teacher's feature units), ``crd_temperature`` 0.07.
+    """
+
+    def __init__(
+        self,
+        ctx: BuildContext,
+        student: str,
+        teacher: dict,
+        backend: dict[str, Any] | None = None,
+        class_prompts: Sequence[str] = CLASS_PROMPTS,
+        class_names: Sequence[str] | None = None,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        tau: float = 4.0,
+        sigma: float = 0.1,
+        crd_temperature: float = 0.07,
+        w_ce: float = 1.0,
+        student_init: dict | None = None,
+    ) -> None:
+        for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("sigma", sigma), ("w_ce", w_ce)):
+            if value < 0:
+                raise ConfigError(f"{ctx.where}.{key}: must be >= 0, got {value}")
+        if crd_temperature <= 0 or tau <= 0:
+            raise ConfigError(f"{ctx.where}: tau and crd_temperature must be > 0, got {tau} and {crd_temperature}")
+        super().__init__(ctx, student, teacher, student_init, tau, w_ce, alpha)
+        self.beta, self.gamma = float(beta), float(gamma)
+        self.sigma, self.crd_temperature = float(sigma), float(crd_temperature)
+        self.teacher_views = tuple(getattr(self.teacher.module, "modalities", ()))
+        if self.beta > 0:
+            anchors = self._class_anchors(ctx, backend, list(class_prompts), class_names)
+            self.register_buffer("anchors", anchors, persistent=False)  # (C, D), frozen text anchors
+            self.crd_head = nn.Linear(self.student.feature_dim, anchors.shape[1])
+        if self.gamma > 0:
+            self.feat_head = nn.Linear(self.student.feature_dim, self.teacher.module.feature_dim)
+
+    @staticmethod
+    def _class_anchors(
+        ctx: BuildContext, backend: dict[str, Any] | None, templates: list[str], class_names: Sequence[str] | None
+    ) -> torch.Tensor:
+        """``(C, D)``: each class's prompt embeddings averaged over ``templates``, unit norm."""
+        if backend is None:
+            raise ConfigError(f"{ctx.where}.backend: the text-anchored term (beta > 0) needs a CLIP backend {{name, params}}; or set beta: 0")
+        if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
+            raise ConfigError(f"{ctx.where}.class_prompts: give templates with exactly one '{{}}' each, got {templates!r}")
+        names = list(class_names or ctx.class_names)
+        if len(names) != ctx.num_classes:
+            raise ConfigError(f"{ctx.where}: {len(names)} class names for {ctx.num_classes} classes; set class_names")
+        spec = ctx.backend_spec(backend)
+        clip = build_clip_backend(spec["name"], spec.get("params")).eval()
+        text = clip.encode_text([t.format(c) for c in names for t in templates]).view(len(names), len(templates), -1)
+        return F.normalize(text.mean(1), dim=-1)
+
+    def forward(self, batch):
+        out = self.student(batch)
+        t_out = self.teacher(batch)
+        labels = batch["label"]
+        losses = self.logit_losses(out["logits"], t_out["logits"], labels)
+        if self.beta > 0:
+            embedded = self.crd_head(out["features"])
+            losses["crd"] = self.beta * text_anchored_contrastive(embedded, self.anchors, labels, self.crd_temperature)
+        if self.gamma > 0:
+            losses["feat"] = self.gamma * perturbed_feature_mse(self.feat_head(out["features"]), t_out["features"], self.sigma)
+        if "view_weights" in t_out:
+            weights = t_out["view_weights"].detach()
+            for i, view in enumerate(self.teacher_views):
+                self.record(f"teacher_view_weight/{view}", weights[:, i].sum(), count=len(weights))
+        return out, losses
