@@ -6,14 +6,19 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
 
 if TYPE_CHECKING:
     from PIL import Image
+
+
+T = TypeVar("T")
 
 
 class DataError(RuntimeError):
@@ -80,6 +85,18 @@ def decode_rgb(path: Path) -> "Image.Image":
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
         raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
+
+
+def parallel_map(
+    fn: Callable[[Any], T], items: Sequence[Any], desc: str, workers: int | None, progress: bool
+) -> Iterator[T]:
+    """``fn`` over ``items`` in a thread pool (decoders release the GIL), in order, with a progress bar;
+    the first exception is raised once the items before it are done, the rest cancelled."""
+    pool = ThreadPoolExecutor(workers)
+    try:
+        yield from tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=None if progress else True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _as_input(t: torch.Tensor) -> torch.Tensor:

@@ -27,11 +27,10 @@ import csv
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -39,13 +38,13 @@ import torch
 import torchaudio
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from crossmodal_kd.data.base import (
     DataError,
     DataSplits,
     NormalisedArrayDataset,
     decode_rgb,
+    parallel_map,
     load_npy,
     params_key,
     stratified_split,
@@ -60,7 +59,6 @@ CACHE_VERSION = 1
 FRAME_SUFFIXES = (".jpg", ".jpeg")
 MODALITIES = ("image", "audio")
 LOG_EPS = 1e-6
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -270,7 +268,7 @@ class CremaD:
         """Every problem of the copy (csv rows, missing or undecodable wavs and frames), each naming its path."""
         lists, problems = self._read_lists()
         clips = [c for split in lists.values() for c in split]
-        for found in self._parallel(self._clip_problems, clips, "cremad: checking"):
+        for found in parallel_map(self._clip_problems, clips, "cremad: checking", self.workers, self.progress):
             problems.extend(found)
         return problems
 
@@ -378,7 +376,7 @@ class CremaD:
             except (OSError, ValueError):
                 log.warning("%s: unreadable statistics; recomputing", path)
         decode = lambda c: decode_clip(self.base, c.name, self.params)  # noqa: E731
-        stats = train_statistics(self._parallel(decode, train, "cremad: train statistics"))
+        stats = train_statistics(parallel_map(decode, train, "cremad: train statistics", self.workers, self.progress))
         atomic_write_json(path, stats)
         return stats
 
@@ -420,20 +418,12 @@ class CremaD:
             "audio": np.empty((len(names), *shapes["audio"]), dtype=np.float16),
         }
         decode = lambda name: decode_clip(self.base, name, self.params)  # noqa: E731
-        for i, (frames, mel) in enumerate(self._parallel(decode, names, "cremad: decoding")):
+        for i, (frames, mel) in enumerate(parallel_map(decode, names, "cremad: decoding", self.workers, self.progress)):
             arrays["image"][i], arrays["audio"][i] = frames, mel
         manifest = {"name": "cremad", "version": CACHE_VERSION, "params": asdict(self.params), "clips": names}
         write_array_folder(self.cache_dir, arrays, manifest)
         return arrays
 
-    def _parallel(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str) -> Iterator[T]:
-        """``fn`` over ``items`` in a thread pool (decoders release the GIL), in order, with a progress bar;
-        the first exception is raised once the clips before it are done, the rest cancelled."""
-        pool = ThreadPoolExecutor(self.workers)
-        try:
-            yield from tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=None if self.progress else True)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def synthesise_tree(

@@ -28,16 +28,14 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
 from crossmodal_kd.data.array_folder import CorruptDatasetError, verify_array_folder, write_array_folder
 from crossmodal_kd.data.base import (
@@ -45,6 +43,7 @@ from crossmodal_kd.data.base import (
     DataSplits,
     NormalisedArrayDataset,
     decode_rgb,
+    parallel_map,
     load_npy,
     params_key,
     stratified_split,
@@ -56,7 +55,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CACHE_VERSION = 1
 SPLITS = ("train", "val", "test")
 _PREFIX = re.compile(r"^(n\d{8}-|\d+[._-](?=\D))")  # WordNet id ("n02085620-") or number ("001.") before a name
-T = TypeVar("T")
 
 
 def prompt_name(folder: str) -> str:
@@ -195,7 +193,7 @@ class ImageFolder:
         """Every problem of the tree (missing splits, empty or unknown class folders, unreadable images), by path."""
         _, files, problems = self._scan()
         paths = [self.base / rel for split in files.values() for rel, _ in split]
-        for problem in self._parallel(self._image_problem, paths, "imagefolder: checking"):
+        for problem in parallel_map(self._image_problem, paths, "imagefolder: checking", self.workers, self.progress):
             if problem:
                 problems.append(problem)
         return problems
@@ -268,18 +266,12 @@ class ImageFolder:
     def _build_cache(self, listing: list[tuple[str, str]], classes: list[str]) -> np.ndarray:
         images = np.empty((len(listing), 3, self.image_size, self.image_size), dtype=np.uint8)
         paths = [self.base / rel for _, rel in listing]
-        for i, image in enumerate(self._parallel(partial(decode_image, size=self.image_size), paths, "imagefolder: decoding")):
+        decode = partial(decode_image, size=self.image_size)
+        for i, image in enumerate(parallel_map(decode, paths, "imagefolder: decoding", self.workers, self.progress)):
             images[i] = image
         write_array_folder(self.cache_dir, {"images": images}, self._manifest(listing, classes))
         return images
 
-    def _parallel(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str) -> Iterator[T]:
-        """``fn`` over ``items`` in a thread pool (PIL decoding releases the GIL), in order, with a progress bar."""
-        pool = ThreadPoolExecutor(self.workers)
-        try:
-            yield from tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=None if self.progress else True)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
 
 
 @DATASETS.register("cifar100")
