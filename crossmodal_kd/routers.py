@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crossmodal_kd.models.frozen import FrozenHolder
 from crossmodal_kd.registry import ROUTERS
 
 
@@ -163,7 +164,7 @@ TEXT_GUIDED_PROMPTS = (
 
 
 @ROUTERS.register("text_guided")
-class TextGuidedRouter(Router):
+class TextGuidedRouter(FrozenHolder, Router):
     """TMKD's text teacher (SPEC 4): per-instance view weights from a frozen CLIP backend.
 
     For a sample of class ``c`` and its views ``x_v`` (the modalities ``views``, in order)::
@@ -228,8 +229,7 @@ class TextGuidedRouter(Router):
         if not isinstance(backend, Mapping) or "name" not in backend or set(backend) - {"name", "params"}:
             raise ValueError(f"router 'text_guided': backend must be {{name, params}}, got {backend!r}")
         clip = build_clip_backend(backend["name"], backend.get("params"))
-        clip.eval().requires_grad_(False)
-        object.__setattr__(self, "_backend", clip)  # outside the module tree (state_dict, parameters, DDP)
+        self.hold_frozen("_backend", clip)
         self.views, self.prompts, self.class_names = views, prompts, list(class_names)
         self.temperature, self.class_source = float(temperature), class_source
         texts = [p.format(c) for p in prompts for c in self.class_names]
@@ -259,12 +259,3 @@ class TextGuidedRouter(Router):
             weights = F.softmax(sims / self.temperature, dim=1)
         return Routing(weights=weights)
 
-    def train(self, mode: bool = True) -> TextGuidedRouter:
-        super().train(mode)
-        self._backend.eval()
-        return self
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self._backend._apply(fn, recurse)  # .to(device) / .half() move the backend with the router
-        return self

