@@ -147,7 +147,7 @@ def write_avmnist(root: Path, n_train: int = 40, n_test: int = 12, classes: int 
 
 def test_avmnist_loads_multibench_layout(tmp_path):
     raw = write_avmnist(tmp_path)
-    family = build_dataset("avmnist", str(tmp_path), {"val_fraction": 0.2, "split_seed": 1})
+    family = build_dataset("avmnist", str(tmp_path), {"val_fraction": 0.2, "split_seed": 1, "num_classes": 4})
     assert family.check() == []
     data = family.load()
     assert data.num_classes == 4 and data.input_shapes == {"image": (1, 28, 28), "audio": (1, 112, 112)}

@@ -27,7 +27,7 @@ def arrays(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def load(path: Path, **params):
-    return build_dataset("features", str(path.parent), {"file": path.name, **params}).load()
+    return build_dataset("features", str(path.parent), {"file": path.name, "num_classes": CLASSES, **params}).load()
 
 
 def rows(ds) -> set[int]:
@@ -98,12 +98,12 @@ def test_check_names_the_file_and_key_of_each_problem(tmp_path):
     problems = ds.check()
     assert all(p.startswith(f"{path}: ") for p in problems)
     text = "\n".join(problems)
-    assert "'label' values out of range: 0..3, expected [0, 3)" in text
+    assert "row 5: label 3 outside the 3 classes 0..2" in text
     assert "'text' has 91 rows but 'label' has 90" in text
-    assert "'audio' has non-finite values (NaN/inf) in 1 row(s), first row 7" in text
+    assert "row 7: NaN/inf in 'audio'" in text
     assert "'split' has unknown value(s) ['dev']; valid: train, val, test or 0, 1, 2" in text
     assert len(problems) == 4
-    with pytest.raises(DataError, match="'text' has 91 rows"):
+    with pytest.raises(DataError, match=r"row 5: label 3 outside .* \(and 3 more; `crossmodal-kd data check features`"):
         ds.load()
 
     np.savez(tmp_path / "nolabel.npz", image=data["image"])
@@ -125,7 +125,7 @@ def test_features_configs_run_end_to_end(tmp_path, config):
     data = arrays()
     path = tmp_path / "crisismmd.npz"
     np.savez(path, image=data["image"], text=data["text"], label=data["label"])
-    overrides = [f"data.params.file={path}", "data.batch_size=16", "data.eval_batch_size=32", "accelerator.cpu=true"]
+    overrides = [f"data.params.file={path}", f"data.params.num_classes={CLASSES}", "data.batch_size=16", "data.eval_batch_size=32", "accelerator.cpu=true"]
     cfg = load_config(REPO / "configs" / "features" / f"{config}.yaml", overrides)
     metrics = Runner(cfg, tmp_path / "run", fast_dev_run=True, progress=False).run()
     assert set(metrics["stages"]) == {s.name for s in cfg.stages}

@@ -1,4 +1,5 @@
-"""Datasets: each family is a registered class with ``load()`` (and optionally ``build()``, ``check()``)."""
+"""Datasets: each family is a registered class with ``load()`` and ``check()`` (:class:`DatasetFamily`), and
+optionally ``build()`` (:class:`BuildableFamily`)."""
 
 from crossmodal_kd.data.base import ArrayDataset, DataError, DataSplits, EpochSampler, collate_batch
 from crossmodal_kd.data import avdigits, avmnist, cremad, features, images, synthetic, textdigits  # noqa: F401  (registration)

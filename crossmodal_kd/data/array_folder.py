@@ -3,11 +3,13 @@
 Every generated or decoded dataset cache (``avdigits``, ``textdigits``, the ``cremad`` decoding cache)
 is such a folder. It is written into a temporary sibling and renamed into place, so an interrupted
 build never leaves a half-written folder; :func:`verify_array_folder` checks each file against the
-manifest (presence, shape, dtype, size, sha256) and names the first bad one.
+manifest (presence, shape, dtype, size, sha256) and names the first bad one; :func:`content_problems`
+checks what a valid folder holds (labels, NaN/inf, empty splits).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from crossmodal_kd.data.base import DataError
+from crossmodal_kd.data.base import DataError, check_finite, check_labels, check_split_sizes
 from crossmodal_kd.io import sha256_file
 
 
@@ -49,6 +51,12 @@ def write_array_folder(out_dir: str | Path, arrays: Mapping[str, np.ndarray], ma
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def array_folder_checksum(out_dir: str | Path) -> str:
+    """sha256 over the per-file checksums, shapes and dtypes in ``manifest.json`` (the folder's contents)."""
+    files = json.loads((Path(out_dir) / "manifest.json").read_text())["files"]
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def verify_array_folder(out_dir: str | Path, name: str, arrays: Iterable[str]) -> dict[str, Any]:
@@ -83,3 +91,16 @@ def verify_array_folder(out_dir: str | Path, name: str, arrays: Iterable[str]) -
         if sha256_file(path) != meta["sha256"]:
             raise CorruptDatasetError(f"{path}: sha256 mismatch (file edited or damaged)")
     return manifest
+
+
+def content_problems(
+    out_dir: str | Path, inputs: Mapping[str, np.ndarray], labels: np.ndarray, split: np.ndarray, num_classes: int
+) -> list[str]:
+    """Problems of a generated folder's contents: labels outside the declared classes, NaN/inf in an input
+    (``name -> array``, stored as ``<name>.npy``), an empty train/val/test split (codes 0/1/2 in ``split.npy``)."""
+    out_dir = Path(out_dir)
+    problems = check_labels(labels, num_classes, out_dir / "label.npy")
+    for name, array in inputs.items():
+        problems += check_finite({name: array}, out_dir / f"{name}.npy")
+    sizes = {name: int(np.count_nonzero(split == code)) for code, name in enumerate(("train", "val", "test"))}
+    return problems + check_split_sizes(sizes, out_dir / "split.npy")

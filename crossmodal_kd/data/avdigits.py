@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -17,8 +16,8 @@ from crossmodal_kd.data.avdigits_build import (
     default_params,
     verify_avdigits,
 )
-from crossmodal_kd.data.array_folder import CorruptDatasetError
-from crossmodal_kd.data.base import ArrayDataset, DataSplits, load_npy, params_key
+from crossmodal_kd.data.array_folder import CorruptDatasetError, array_folder_checksum, content_problems
+from crossmodal_kd.data.base import ArrayDataset, DataSplits, load_npy, params_key, raise_problems
 from crossmodal_kd.registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -60,34 +59,52 @@ class AVDigits:
             shutil.rmtree(self.path)
         return build_avdigits(self.path, seed=self.seed, progress=progress, **self.recipe)
 
+    def fingerprint(self) -> dict[str, str]:
+        """Recipe (cache folder name) and content checksum of the built cache, for run fingerprints."""
+        return {"cache": self.path.name, "checksum": array_folder_checksum(self.path)}
+
     def check(self) -> list[str]:
+        """Checksums of every file, then the contents: labels within the 10 digits, no NaN/inf, no empty split."""
         try:
             verify_avdigits(self.path)
         except CorruptDatasetError as exc:
             return [str(exc)]
-        return []
+        return self._content_problems(*self._read(mmap=True))
 
     def load(self) -> DataSplits:
         self.build()
-        manifest = json.loads((self.path / "manifest.json").read_text())
-        arrays = {m: load_npy(self.path / f"{m}.npy") for m in self.modalities}
-        labels = load_npy(self.path / "label.npy", ndim=1)
-        split = load_npy(self.path / "split.npy", ndim=1)
+        arrays, labels, split = self._read()
+        raise_problems(self._content_problems(arrays, labels, split), "avdigits")
+        image_id = load_npy(self.path / "image_id.npy", ndim=1)
         parts = {}
         for name, code in SPLITS.items():
             idx = np.flatnonzero(split == code)
             parts[name] = ArrayDataset(
                 {m: torch.from_numpy(np.ascontiguousarray(a[idx])) for m, a in arrays.items()},
                 torch.from_numpy(labels[idx]),
+                groups=torch.from_numpy(image_id[idx].astype(np.int64)),  # source image: cross-fitting folds
             )
         return DataSplits(
             **parts,
-            num_classes=len(manifest["class_names"]),
-            class_names=list(manifest["class_names"]),
+            num_classes=len(CLASS_NAMES),
+            class_names=list(CLASS_NAMES),
             input_shapes={m: tuple(a.shape[1:]) for m, a in arrays.items()},
         )
 
+    def _read(self, mmap: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        arrays = {m: load_npy(self.path / f"{m}.npy", mmap=mmap) for m in self.modalities}
+        labels, split = (load_npy(self.path / f"{name}.npy", ndim=1, mmap=mmap) for name in ("label", "split"))
+        return arrays, labels, split
+
+    def _content_problems(self, arrays: dict[str, np.ndarray], labels: np.ndarray, split: np.ndarray) -> list[str]:
+        return content_problems(self.path, arrays, labels, split, len(CLASS_NAMES))
+
     def _is_valid(self) -> bool:
+        """The cache's files match their checksums (its contents are checked when loaded)."""
         if not (self.path / "manifest.json").is_file():
             return False
-        return not self.check()
+        try:
+            verify_avdigits(self.path)
+        except CorruptDatasetError:
+            return False
+        return True

@@ -14,7 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crossmodal_kd.data.base import ArrayDataset, DataError, DataSplits, load_npy, stratified_split
+from crossmodal_kd.data.base import (
+    ArrayDataset,
+    DataError,
+    DataSplits,
+    carve_validation,
+    check_finite,
+    check_labels,
+    load_npy,
+    raise_problems,
+)
 from crossmodal_kd.registry import DATASETS
 
 IMAGE_SIDE = 28
@@ -23,30 +32,32 @@ AUDIO_SIDE = 112
 
 @DATASETS.register("avmnist")
 class AVMNIST:
-    """MultiBench AV-MNIST; images to (1, 28, 28), spectrograms to (1, 112, 112), z-scored on train."""
+    """MultiBench AV-MNIST; images to (1, 28, 28), spectrograms to (1, 112, 112), z-scored on train.
+
+    ``num_classes`` (10 digits) is declared, never inferred: a label outside it is an error naming file and row.
+    """
 
     modalities = ("image", "audio")
 
-    def __init__(self, root: str | Path, val_fraction: float = 0.1, split_seed: int = 0) -> None:
+    def __init__(self, root: str | Path, val_fraction: float = 0.1, split_seed: int = 0, num_classes: int = 10) -> None:
         if not 0 < val_fraction < 1:
             raise ValueError(f"avmnist: val_fraction must be in (0, 1), got {val_fraction}")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"avmnist: num_classes must be a positive integer, got {num_classes!r}")
         self.path = Path(root) / "avmnist"
         self.val_fraction = val_fraction
         self.split_seed = split_seed
+        self.num_classes = num_classes
 
     def check(self) -> list[str]:
-        problems = []
-        for split in ("train", "test"):
-            try:
-                self._read_split(split)
-            except DataError as exc:
-                problems.append(str(exc))
-        return problems
+        """Every problem of the six files (missing, unreadable, shapes, row counts, labels, NaN/inf), by path."""
+        return [p for split in ("train", "test") for p in self._read_split(split)[1]]
 
     def load(self) -> DataSplits:
-        train_img, train_aud, train_y = self._read_split("train")
-        test_img, test_aud, test_y = self._read_split("test")
-        keep, val = stratified_split(train_y, self.val_fraction, self.split_seed)
+        (train, train_problems), (test, test_problems) = self._read_split("train"), self._read_split("test")
+        raise_problems(train_problems + test_problems, "avmnist")
+        (train_img, train_aud, train_y), (test_img, test_aud, test_y) = train, test
+        keep, val = carve_validation(train_y, self.val_fraction, self.split_seed, self.path / "train_labels.npy")
         stats = {"image": _stats(train_img[keep]), "audio": _stats(train_aud[keep])}
 
         def make(img: np.ndarray, aud: np.ndarray, y: np.ndarray) -> ArrayDataset:
@@ -56,37 +67,51 @@ class AVMNIST:
                 torch.from_numpy(y.astype(np.int64)),
             )
 
-        n_classes = int(max(train_y.max(), test_y.max())) + 1
         return DataSplits(
             train=make(train_img[keep], train_aud[keep], train_y[keep]),
             val=make(train_img[val], train_aud[val], train_y[val]),
             test=make(test_img, test_aud, test_y),
-            num_classes=n_classes,
-            class_names=[str(i) for i in range(n_classes)],
+            num_classes=self.num_classes,
+            class_names=[str(i) for i in range(self.num_classes)],
             input_shapes={"image": (1, IMAGE_SIDE, IMAGE_SIDE), "audio": (1, AUDIO_SIDE, AUDIO_SIDE)},
         )
 
-    def _read_split(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        img_path = self.path / "image" / f"{split}_data.npy"
-        aud_path = self.path / "audio" / f"{split}_data.npy"
-        lab_path = self.path / f"{split}_labels.npy"
-        img = load_npy(img_path, ndim=2)
-        aud = load_npy(aud_path, ndim=3)
-        y = load_npy(lab_path, ndim=1)
-        if img.shape[1] != IMAGE_SIDE * IMAGE_SIDE:
-            raise DataError(f"{img_path}: expected shape (N, {IMAGE_SIDE * IMAGE_SIDE}), got {img.shape}")
-        if aud.shape[1:] != (AUDIO_SIDE, AUDIO_SIDE):
-            raise DataError(f"{aud_path}: expected shape (N, {AUDIO_SIDE}, {AUDIO_SIDE}), got {aud.shape}")
-        for path, arr in ((img_path, img), (aud_path, aud)):
-            if len(arr) != len(y):
-                raise DataError(f"{path}: {len(arr)} rows but {lab_path.name} has {len(y)} labels")
-        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-            raise DataError(f"{lab_path}: labels must be non-negative integers")
+    def _read_split(self, split: str) -> tuple[tuple[np.ndarray, ...], list[str]]:
+        """``((images, spectrograms, labels), problems)``; the arrays are only usable when there are no problems."""
+        paths = {
+            "image": (self.path / "image" / f"{split}_data.npy", 2),
+            "audio": (self.path / "audio" / f"{split}_data.npy", 3),
+            "label": (self.path / f"{split}_labels.npy", 1),
+        }
+        arrays: dict[str, np.ndarray] = {}
+        problems: list[str] = []
+        for key, (path, ndim) in paths.items():
+            try:
+                arrays[key] = load_npy(path, ndim=ndim, mmap=True)
+            except DataError as exc:
+                problems.append(str(exc))
+        expected = {"image": (IMAGE_SIDE * IMAGE_SIDE,), "audio": (AUDIO_SIDE, AUDIO_SIDE)}
+        for key, shape in expected.items():
+            if key in arrays and arrays[key].shape[1:] != shape:
+                expected_shape = ", ".join(map(str, shape))
+                problems.append(f"{paths[key][0]}: expected shape (N, {expected_shape}), got {arrays[key].shape}")
+                del arrays[key]
+        if "label" in arrays:
+            lab_path, y = paths["label"][0], arrays["label"]
+            problems += check_labels(y, self.num_classes, lab_path)
+            for key in ("image", "audio"):
+                if key in arrays and len(arrays[key]) != len(y):
+                    problems.append(f"{paths[key][0]}: {len(arrays[key])} rows but {lab_path.name} has {len(y)} labels")
+        for key in ("image", "audio"):
+            if key in arrays:
+                problems += check_finite({key: arrays[key]}, paths[key][0])
+        if problems:
+            return (), problems
         return (
-            img.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE).astype(np.float32),
-            aud.reshape(-1, 1, AUDIO_SIDE, AUDIO_SIDE).astype(np.float32),
-            y,
-        )
+            arrays["image"].reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE).astype(np.float32),
+            arrays["audio"].reshape(-1, 1, AUDIO_SIDE, AUDIO_SIDE).astype(np.float32),
+            arrays["label"],
+        ), []
 
 
 def _stats(a: np.ndarray) -> tuple[float, float]:

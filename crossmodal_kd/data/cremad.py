@@ -43,11 +43,13 @@ from crossmodal_kd.data.base import (
     DataError,
     DataSplits,
     NormalisedArrayDataset,
+    carve_validation,
     decode_rgb,
+    describe_rows,
+    nonfinite_rows,
     parallel_map,
     load_npy,
     params_key,
-    stratified_split,
 )
 from crossmodal_kd.data.array_folder import CorruptDatasetError, verify_array_folder, write_array_folder
 from crossmodal_kd.io import atomic_write_json
@@ -106,6 +108,8 @@ def read_audio(path: Path, p: DecodeParams) -> torch.Tensor:
         raise DataError(f"{path}: unreadable audio ({exc})") from None
     if data.shape[0] == 0:
         raise DataError(f"{path}: audio file has no samples")
+    if len(bad := nonfinite_rows(data)):
+        raise DataError(f"{path}: {describe_rows(bad, unit='sample')}: NaN/inf audio")
     wave = torch.from_numpy(data.mean(axis=1))
     if rate != p.sample_rate:
         wave = torchaudio.functional.resample(wave, rate, p.sample_rate)
@@ -327,12 +331,7 @@ class CremaD:
         if problems:
             raise DataError(problems[0])
         train_y = np.array([c.label for c in lists["train"]])
-        keep, val = stratified_split(train_y, self.val_fraction, self.split_seed)
-        if not len(val) or not len(keep):
-            raise DataError(
-                f"{self.base / 'train.csv'}: val_fraction {self.val_fraction} leaves {len(keep)} training and "
-                f"{len(val)} validation clips of {len(train_y)}; change val_fraction"
-            )
+        keep, val = carve_validation(train_y, self.val_fraction, self.split_seed, self.base / "train.csv", "clips")
         parts = {"train": [lists["train"][i] for i in keep], "val": [lists["train"][i] for i in val], "test": lists["test"]}
         if self.cache:
             datasets = self._cached_datasets(lists["train"] + lists["test"], parts)

@@ -5,7 +5,7 @@ One ``.pt`` (a dict saved with ``torch.save``) or ``.npz`` file at ``<root>/<fil
     <modality>    (N, D_m)  float   one array per modality, any key names ("image", "text", ...)
     label         (N,)      int     0 .. C-1
     split         (N,)      optional: "train" / "val" / "test" strings, or 0 / 1 / 2
-    class_names   (C,)      optional strings
+    class_names   (C,)      strings; without them the ``num_classes`` parameter gives C (never max(label) + 1)
 
 Splits the file lacks (all but train without ``split``; often val) are carved from the train rows,
 stratified by class: first ``test_fraction`` of them, then ``val_fraction`` of the rest. Each
@@ -20,7 +20,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from crossmodal_kd.data.base import ArrayDataset, DataError, DataSplits, stratified_split
+from crossmodal_kd.data.base import (
+    ArrayDataset,
+    DataError,
+    DataSplits,
+    check_finite,
+    check_labels,
+    raise_problems,
+    stratified_split,
+)
 from crossmodal_kd.registry import DATASETS
 
 RESERVED = ("label", "split", "class_names")
@@ -40,7 +48,10 @@ class Features:
         test_fraction: float = 0.2,
         split_seed: int = 0,
         normalize: bool = True,
+        num_classes: int | None = None,
     ) -> None:
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"features: num_classes must be a positive integer, got {num_classes!r}")
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 < value < 1:
                 raise ValueError(f"features: {key} must be in (0, 1), got {value}")
@@ -48,6 +59,7 @@ class Features:
         self.modalities = list(modalities) if modalities is not None else None
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.split_seed, self.normalize = split_seed, normalize
+        self.num_classes = num_classes
 
     def check(self) -> list[str]:
         try:
@@ -57,9 +69,7 @@ class Features:
 
     def load(self) -> DataSplits:
         raw = self._read()
-        problems = self._problems(raw)
-        if problems:
-            raise DataError("\n".join(problems))
+        raise_problems(self._problems(raw), "features")
         labels = raw["label"].astype(np.int64)
         codes = _split_codes(raw["split"])[0] if "split" in raw else np.zeros(len(labels), dtype=np.int64)
         rows = {name: np.flatnonzero(codes == code) for name, code in SPLIT_CODES.items()}
@@ -77,8 +87,8 @@ class Features:
                 train = a[rows["train"]]
                 std = train.std(axis=0)
                 arrays[m] = (a - train.mean(axis=0)) / np.where(std > 1e-8, std, 1)
+        num_classes = self._declared_classes(raw)
         names = [str(c) for c in raw["class_names"]] if "class_names" in raw else None
-        num_classes = len(names) if names else int(labels.max()) + 1
         return DataSplits(
             **{
                 name: ArrayDataset({m: torch.from_numpy(np.ascontiguousarray(a[idx])) for m, a in arrays.items()},
@@ -112,24 +122,25 @@ class Features:
     def _feature_keys(self, raw: dict[str, np.ndarray]) -> list[str]:
         return self.modalities if self.modalities is not None else [k for k in raw if k not in RESERVED]
 
+    def _declared_classes(self, raw: dict[str, np.ndarray]) -> int | None:
+        """The class count: ``len(class_names)`` of the file, else the ``num_classes`` parameter."""
+        return len(raw["class_names"]) if "class_names" in raw else self.num_classes
+
     def _problems(self, raw: dict[str, np.ndarray]) -> list[str]:
         at = f"{self.path}:"
         keys = ", ".join(raw) or "(none)"
         problems = []
         n = None
         label = raw.get("label")
+        num_classes = self._declared_classes(raw)
+        if "class_names" in raw and self.num_classes is not None and self.num_classes != num_classes:
+            problems.append(f"{at} {num_classes} 'class_names' but num_classes is {self.num_classes}")
         if label is None:
             problems.append(f"{at} missing key 'label' (keys: {keys})")
-        elif label.ndim != 1 or not np.issubdtype(label.dtype, np.integer) or len(label) == 0:
-            problems.append(
-                f"{at} 'label' must be a non-empty 1-D integer array, got shape {label.shape} dtype {label.dtype}"
-            )
         else:
-            n = len(label)
-            limit = len(raw["class_names"]) if "class_names" in raw else None
-            if label.min() < 0 or (limit is not None and label.max() >= limit):
-                bound = f"[0, {limit}) (len(class_names))" if limit is not None else "non-negative"
-                problems.append(f"{at} 'label' values out of range: {label.min()}..{label.max()}, expected {bound}")
+            if num_classes is not None:
+                problems += check_labels(label, num_classes, self.path)
+            n = len(label) if label.ndim == 1 and len(label) else None
 
         features = self._feature_keys(raw)
         if not features:
@@ -142,11 +153,8 @@ class Features:
                 problems.append(f"{at} '{m}' must be a numeric (N, D) array, got shape {a.shape} dtype {a.dtype}")
             elif n is not None and len(a) != n:
                 problems.append(f"{at} '{m}' has {len(a)} rows but 'label' has {n}")
-            elif not np.isfinite(a).all():
-                bad = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
-                problems.append(
-                    f"{at} '{m}' has non-finite values (NaN/inf) in {len(bad)} row(s), first row {bad[0]}"
-                )
+            else:
+                problems += check_finite({m: a}, self.path)
 
         if "split" in raw:
             split = raw["split"]
@@ -160,6 +168,8 @@ class Features:
                     )
                 elif not (codes == SPLIT_CODES["train"]).any():
                     problems.append(f"{at} 'split' marks no row as train")
+        if label is not None and num_classes is None:
+            problems.append(f"{at} the number of classes is not declared: add 'class_names' to the file or set num_classes")
         return problems
 
 

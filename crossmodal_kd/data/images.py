@@ -42,11 +42,12 @@ from crossmodal_kd.data.base import (
     DataError,
     DataSplits,
     NormalisedArrayDataset,
+    carve_validation,
+    check_labels,
     decode_rgb,
     parallel_map,
     load_npy,
     params_key,
-    stratified_split,
 )
 from crossmodal_kd.registry import DATASETS
 
@@ -107,17 +108,6 @@ def make_splits(
     }
     shapes = {"image": tuple(int(d) for d in images.shape[1:])}
     return DataSplits(**datasets, num_classes=len(class_names), class_names=class_names, input_shapes=shapes), stats
-
-
-def carve_validation(train_labels: np.ndarray, val_fraction: float, split_seed: int, where: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) indices, ``val_fraction`` of every class carved out; :class:`DataError` if either is empty."""
-    keep, val = stratified_split(train_labels, val_fraction, split_seed)
-    if not len(val) or not len(keep):
-        raise DataError(
-            f"{where}: val_fraction {val_fraction} leaves {len(keep)} training and {len(val)} validation images of "
-            f"{len(train_labels)}; change val_fraction"
-        )
-    return keep, val
 
 
 def _check_fraction(name: str, val_fraction: float) -> None:
@@ -220,7 +210,7 @@ class ImageFolder:
             rows[split] = np.arange(offset, offset + len(files.get(split, [])))
             offset += len(rows[split])
         if "val" not in files:
-            keep, val = carve_validation(labels[rows["train"]], self.val_fraction, self.split_seed, self.base / "train")
+            keep, val = carve_validation(labels[rows["train"]], self.val_fraction, self.split_seed, self.base / "train", "images")
             rows["val"], rows["train"] = rows["train"][val], rows["train"][keep]
         names = [self.name_overrides.get(c, prompt_name(c)) for c in classes]
         splits, self.stats = make_splits(images, labels, rows, names)
@@ -280,6 +270,7 @@ class Cifar100:
 
     modalities = ("image",)
     side = 32
+    num_classes = 100  # the fine labels; ``meta`` names them (checked against when it is unreadable)
 
     def __init__(self, root: str | Path, subdir: str = "cifar-100-python", val_fraction: float = 0.1, split_seed: int = 0) -> None:
         _check_fraction("cifar100", val_fraction)
@@ -305,7 +296,7 @@ class Cifar100:
         names = self._class_names()
         train_x, train_y = self._read_split("train", names)
         test_x, test_y = self._read_split("test", names)
-        keep, val = carve_validation(train_y, self.val_fraction, self.split_seed, self.base / "train")
+        keep, val = carve_validation(train_y, self.val_fraction, self.split_seed, self.base / "train", "images")
         images, labels = np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])
         rows = {"train": keep, "val": val, "test": np.arange(len(train_y), len(labels))}
         splits, self.stats = make_splits(images, labels, rows, names)
@@ -340,8 +331,11 @@ class Cifar100:
         pixels = 3 * self.side * self.side
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels:
             raise DataError(f"{path}: 'data' must be uint8 (N, {pixels}), got {data.dtype} {tuple(data.shape)}")
+        if not len(data):
+            raise DataError(f"{path}: empty (no images)")
         if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"{path}: 'fine_labels' must hold {len(data)} integers, got {labels.dtype} {tuple(labels.shape)}")
-        if len(labels) and (labels.min() < 0 or (names is not None and labels.max() >= len(names))):
-            raise DataError(f"{path}: fine labels outside [0, {len(names) if names else '?'})")
+        problems = check_labels(labels, len(names) if names is not None else self.num_classes, path, "fine label")
+        if problems:
+            raise DataError(problems[0])
         return data.reshape(-1, 3, self.side, self.side), labels.astype(np.int64)

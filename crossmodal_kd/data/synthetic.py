@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from crossmodal_kd.data.base import ArrayDataset, DataSplits
+from crossmodal_kd.data.base import (
+    ArrayDataset,
+    DataSplits,
+    check_finite,
+    check_labels,
+    check_split_sizes,
+    raise_problems,
+)
 from crossmodal_kd.registry import DATASETS
 
 
@@ -24,12 +31,16 @@ class Synthetic:
         n_train: int = 256,
         n_val: int = 64,
         n_test: int = 128,
-        image_shape: tuple[int, int, int] = (1, 12, 12),
-        audio_shape: tuple[int, int, int] = (1, 16, 16),
+        image_shape: tuple[int, ...] = (1, 12, 12),
+        audio_shape: tuple[int, ...] = (1, 16, 16),
         informative: float = 0.7,
         noise: float = 1.0,
         seed: int = 0,
     ) -> None:
+        for key, value in (("num_classes", num_classes), ("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+            if not isinstance(value, int) or value < (1 if key == "num_classes" else 0):
+                raise ValueError(f"synthetic: {key} must be a {'positive' if key == 'num_classes' else 'non-negative'} "
+                                 f"integer, got {value!r}")
         self.num_classes, self.informative, self.noise, self.seed = num_classes, informative, noise, seed
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.shapes = {"image": tuple(image_shape), "audio": tuple(audio_shape)}
@@ -39,9 +50,29 @@ class Synthetic:
         return dict(self.shapes), self.num_classes
 
     def check(self) -> list[str]:
-        return []
+        """Problems of the generated splits: an empty one, NaN/inf (e.g. from ``noise: .nan``), labels off range."""
+        return self._problems(self._generate())
 
     def load(self) -> DataSplits:
+        splits = self._generate()
+        raise_problems(self._problems(splits), "synthetic")
+        return DataSplits(
+            **splits,
+            num_classes=self.num_classes,
+            class_names=[f"class{i}" for i in range(self.num_classes)],
+            input_shapes=dict(self.shapes),
+        )
+
+    def _problems(self, splits: dict[str, ArrayDataset]) -> list[str]:
+        problems = check_split_sizes({name: len(ds) for name, ds in splits.items()}, "synthetic")
+        for name, ds in splits.items():
+            if len(ds):
+                source = f"synthetic ({name} split)"
+                problems += check_labels(ds.labels.numpy(), self.num_classes, source)
+                problems += check_finite({m: a.numpy() for m, a in ds.arrays.items()}, source)
+        return problems
+
+    def _generate(self) -> dict[str, ArrayDataset]:
         g = torch.Generator().manual_seed(self.seed)
         patterns = {m: torch.randn(self.num_classes, *s, generator=g) for m, s in self.shapes.items()}
         splits = {}
@@ -53,9 +84,4 @@ class Synthetic:
                 shown = torch.where(keep, y, torch.randint(self.num_classes, (n,), generator=g))
                 arrays[m] = pat[shown] + self.noise * torch.randn(n, *self.shapes[m], generator=g)
             splits[split] = ArrayDataset(arrays, y)
-        return DataSplits(
-            **splits,
-            num_classes=self.num_classes,
-            class_names=[f"class{i}" for i in range(self.num_classes)],
-            input_shapes=dict(self.shapes),
-        )
+        return splits

@@ -26,8 +26,13 @@ import numpy as np
 import torch
 
 from crossmodal_kd.data.avdigits_build import CLASS_NAMES, draw_partners, image_pool
-from crossmodal_kd.data.base import ArrayDataset, DataError, DataSplits, load_npy, params_key
-from crossmodal_kd.data.array_folder import verify_array_folder, write_array_folder
+from crossmodal_kd.data.base import ArrayDataset, DataError, DataSplits, load_npy, params_key, raise_problems
+from crossmodal_kd.data.array_folder import (
+    array_folder_checksum,
+    content_problems,
+    verify_array_folder,
+    write_array_folder,
+)
 from crossmodal_kd.models.text import load_tokenizer, tokenize
 from crossmodal_kd.registry import DATASETS
 
@@ -127,23 +132,26 @@ class TextDigits:
         self.path = Path(root) / "textdigits" / f"v{TEXTDIGITS_VERSION}-{key}"
 
     def build(self, force: bool = False) -> Path:
-        if not force and (self.path / "manifest.json").is_file() and not self.check():
+        if not force and (self.path / "manifest.json").is_file() and not self._checksum_problems():
             return self.path
         if self.path.exists():
             log.warning("textdigits cache at %s is incomplete or corrupt; rebuilding", self.path)
             shutil.rmtree(self.path)
         return build_textdigits(self.path, seed=self.seed, **self.recipe)
 
+    def fingerprint(self) -> dict[str, str]:
+        """Recipe (cache folder name) and content checksum of the built cache, for run fingerprints."""
+        return {"cache": self.path.name, "checksum": array_folder_checksum(self.path)}
+
     def check(self) -> list[str]:
-        try:
-            verify_textdigits(self.path)
-        except DataError as exc:
-            return [str(exc)]
-        return []
+        """Checksums of every file, then the contents: labels within the 10 digits, no NaN/inf, no empty split."""
+        return self._checksum_problems() or self._content_problems(
+            {name: load_npy(self.path / f"{name}.npy", mmap=True) for name in ARRAY_FILES})
 
     def load(self) -> DataSplits:
         self.build()
         arrays = {name: load_npy(self.path / f"{name}.npy") for name in ARRAY_FILES}
+        raise_problems(self._content_problems(arrays), "textdigits")
         tokenizer = load_tokenizer(self.tokenizer, self.allow_download)
         text = tokenize(tokenizer, arrays["caption"].tolist(), self.max_length)
         inputs = {"image": torch.from_numpy(arrays["image"]), "text": text}
@@ -157,6 +165,16 @@ class TextDigits:
             class_names=list(CLASS_NAMES),
             input_shapes={m: tuple(x.shape[1:]) for m, x in inputs.items()},
         )
+
+    def _checksum_problems(self) -> list[str]:
+        try:
+            verify_textdigits(self.path)
+        except DataError as exc:
+            return [str(exc)]
+        return []
+
+    def _content_problems(self, arrays: dict[str, np.ndarray]) -> list[str]:
+        return content_problems(self.path, {"image": arrays["image"]}, arrays["label"], arrays["split"], len(CLASS_NAMES))
 
 
 # ----------------------------------------------------------------------------------------- captions
