@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from crossmodal_kd.config import ConfigError
+from crossmodal_kd.params import NonNegativeFloat, NonNegativeInt, Probability
 from crossmodal_kd.registry import AUGMENTATIONS
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -54,7 +55,7 @@ def no_augmentation() -> Transform:
 
 
 @AUGMENTATIONS.register("weak")
-def weak(shift: int = 2, flip: float = 0.0) -> Transform:
+def weak(shift: NonNegativeInt = 2, flip: Probability = 0.0) -> Transform:
     """Random shift by up to ``shift`` pixels (edge-padded random crop), optional horizontal flip."""
     if shift < 0:
         raise ValueError(f"augmentation 'weak': shift must be >= 0 pixels, got {shift}")
@@ -82,13 +83,13 @@ def weak(shift: int = 2, flip: float = 0.0) -> Transform:
 
 @AUGMENTATIONS.register("strong")
 def strong(
-    degrees: float = 15.0,
-    scale: float = 0.1,
-    shear: float = 10.0,
-    translate: float = 0.1,
-    noise: float = 0.1,
-    cutout: float = 0.3,
-    cutout_p: float = 0.5,
+    degrees: NonNegativeFloat = 15.0,
+    scale: Probability = 0.1,
+    shear: NonNegativeFloat = 10.0,
+    translate: Probability = 0.1,
+    noise: NonNegativeFloat = 0.1,
+    cutout: Probability = 0.3,
+    cutout_p: Probability = 0.5,
 ) -> Transform:
     """Random affine + Gaussian noise + cutout (see the module docstring for the parameters)."""
     for key, value in {"scale": scale, "translate": translate, "cutout": cutout, "cutout_p": cutout_p}.items():

@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     load_components()
+    if getattr(args, "no_progress", False):
+        disable_library_progress_bars()
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
@@ -26,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def disable_library_progress_bars() -> None:
+    """``--no-progress`` also silences the model-loading bars of transformers and huggingface_hub."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output-dir")
     b.add_argument("--fast-dev-run", action="store_true")
     b.add_argument("--report-only", action="store_true", help="train nothing; tabulate the finished runs")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars (training, and model loading by transformers / huggingface_hub)")
     b.set_defaults(func=cmd_bench)
 
     ls = sub.add_parser("list", help="list registered components")
@@ -68,9 +79,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config")
     p.add_argument("--output-dir", help="run directory (default: config's output_dir or runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted path)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in its directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in its directory (stages whose fingerprint matches)")
+    p.add_argument("--restart-stage", action="append", default=[], metavar="NAME",
+                   help="delete stage NAME and the stages depending on it and train them again; resumes the rest (repeatable)")
     p.add_argument("--fast-dev-run", action="store_true", help="every stage on a couple of batches (plumbing check)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (training, and model loading by transformers / huggingface_hub)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -79,7 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.output_dir or cfg.output_dir or Path("runs") / Path(args.config).stem)
-    Runner(cfg, run_dir, resume=args.resume, fast_dev_run=args.fast_dev_run, progress=not args.no_progress).run()
+    Runner(cfg, run_dir, resume=args.resume, fast_dev_run=args.fast_dev_run, progress=not args.no_progress,
+           restart_stages=args.restart_stage).run()
     return 0
 
 
@@ -107,9 +121,12 @@ def _dataset(args: argparse.Namespace):
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
+    from crossmodal_kd.data.base import BuildableFamily
+
     ds = _dataset(args)
-    if not hasattr(ds, "build"):
-        print(f"dataset '{args.name}' is not built by this tool; see datasets/{args.name}/README.md")
+    if not isinstance(ds, BuildableFamily):
+        print(f"dataset '{args.name}' is not built by this tool (`crossmodal-kd data check {args.name}` checks it); "
+              f"see datasets/{args.name}/README.md")
         return 1
     path = ds.build()
     print(f"{args.name}: ready at {path}")

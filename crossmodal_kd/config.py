@@ -70,6 +70,15 @@ class SelectionConfig(Strict):
         return "min" if self.metric == "loss" else "max"
 
 
+class TargetsConfig(Strict):
+    """How a stage's frozen teachers are run (see :mod:`crossmodal_kd.targets`)."""
+
+    store: bool = Field(True, description="compute frozen teachers' outputs once per sample and serve them by index")
+    cross_fit: int | None = Field(
+        None, ge=2, description="K: training-split targets out of fold, from K copies of each teacher's stage"
+    )
+
+
 class StageConfig(Strict):
     name: str
     method: Component
@@ -78,6 +87,7 @@ class StageConfig(Strict):
     scheduler: Component = Field(default_factory=lambda: Component(name="cosine"))
     grad_clip_norm: float | None = Field(None, gt=0)
     select: SelectionConfig = Field(default_factory=SelectionConfig)
+    targets: TargetsConfig = Field(default_factory=TargetsConfig)
 
     @field_validator("name")
     @classmethod

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
+
+from crossmodal_kd.config import ConfigError
+from crossmodal_kd.params import Problem, check_values, params_model, supplied
 
 T = TypeVar("T")
 
@@ -15,6 +18,10 @@ class RegistryError(KeyError):
         return str(self.args[0])
 
 
+class UnknownComponentError(RegistryError, ConfigError):
+    """A config names an unknown component (e.g. ``router.name: gatee``); the message gives its path."""
+
+
 class Registry(Generic[T]):
     """Name -> object map filled by a decorator.
 
@@ -23,11 +30,16 @@ class Registry(Generic[T]):
     ... def tiny(input_shape): ...
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, context: Iterable[str] = ()) -> None:
         self.kind = kind
+        self.context = frozenset(context)  # parameters the calling code supplies, never config keys
         self._items: dict[str, T] = {}
+        self._types: dict[str, Mapping[str, Any]] = {}
+        self._models: dict[str, Any] = {}
 
-    def register(self, name: str | None = None) -> Callable[[T], T]:
+    def register(self, name: str | None = None, *, types: Mapping[str, Any] | None = None) -> Callable[[T], T]:
+        """``types``: config types of parameters, for factories whose annotations we do not own."""
+
         def add(obj: T) -> T:
             key = name or getattr(obj, "__name__", None)
             if not key:
@@ -37,6 +49,8 @@ class Registry(Generic[T]):
                     f"{self.kind}: '{key}' is already registered by {_where(self._items[key])}"
                 )
             self._items[key] = obj
+            self._types[key] = dict(types or {})
+            self._models.pop(key, None)
             return obj
 
         return add
@@ -49,12 +63,51 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} '{name}'; valid: {', '.join(sorted(self._items)) or '(none)'}"
             ) from None
 
-    def build(self, name: str, options: dict[str, Any] | None = None, *, where: str = "", **context: Any) -> Any:
-        """Call the registered factory with config ``options`` plus code-supplied ``context``, checking keys first."""
+    def build(self, name: str, options: Mapping[str, Any] | None = None, *, where: str = "", **context: Any) -> Any:
+        """Call the registered factory with config ``options`` (keys checked, values validated against its
+        annotations and converted) plus code-supplied ``context``."""
         factory = self.get(name)
         options = dict(options or {})
-        check_kwargs(factory, options, where=where or f"{self.kind}.{name}", reserved=set(context))
-        return factory(**context, **options)
+        where = where or f"{self.kind}.{name}"
+        check_kwargs(factory, options, where=where, reserved=set(context))
+        return factory(**context, **self._checked(name, options, where))
+
+    def validate(self, name: str, options: Mapping[str, Any] | None = None, *, where: str = "") -> dict[str, Any]:
+        """The checks of :meth:`build` without building (the registry's context parameters and those marked
+        ``Supplied`` are not required), then the factory's own ``preflight(params, where)`` when it has one
+        (a cheap resource check, e.g. that a database exists). Returns the converted options."""
+        factory = self.get(name)
+        options = dict(options or {})
+        where = where or f"{self.kind}.{name}"
+        check_kwargs(factory, options, where=where, reserved=set(self.context), optional=supplied(factory))
+        values = self._checked(name, options, where)
+        hook = getattr(factory, "preflight", None)
+        if callable(hook):
+            hook(values, where)
+        return values
+
+    def problems(self, name: str, options: Mapping[str, Any]) -> list[Problem]:
+        """What :meth:`validate` would reject in ``options`` (no hook), relative to them; ``name`` is registered."""
+        factory = self._items[name]
+        unknown, valid, missing = _kwargs_report(factory, options, reserved=set(self.context), optional=supplied(factory))
+        out = []
+        if unknown:
+            out.append(Problem((), f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(valid) or '(none)'}"))
+        if missing:
+            out.append(Problem((), f"missing required parameter(s) {', '.join(missing)}"))
+        return out + check_values(self._model(name), options)[1]
+
+    def _model(self, name: str) -> Any:
+        if name not in self._models:
+            self._models[name] = params_model(self._items[name], skip=self.context, types=self._types.get(name))
+        return self._models[name]
+
+    def _checked(self, name: str, options: dict[str, Any], where: str) -> dict[str, Any]:
+        values, problems = check_values(self._model(name), options)
+        if problems:
+            error = UnknownComponentError if any(p.unknown_name for p in problems) else ConfigError
+            raise error("\n".join(p.line(where) for p in problems))
+        return values
 
     def list(self) -> list[str]:
         return sorted(self._items)
@@ -66,21 +119,33 @@ class Registry(Generic[T]):
         return iter(self.list())
 
 
-def check_kwargs(factory: Callable, params: dict[str, Any], *, where: str, reserved: set[str] = frozenset()) -> None:
-    """Raise a clear ``TypeError`` when ``params`` has keys the factory does not accept."""
+def check_kwargs(
+    factory: Callable, params: Mapping[str, Any], *, where: str, reserved: set[str] = frozenset(), optional: set[str] = frozenset()
+) -> None:
+    """Raise a clear ``TypeError`` when ``params`` has keys the factory does not accept, or lacks a required
+    one (but ``optional``)."""
+    unknown, valid, missing = _kwargs_report(factory, params, reserved=reserved, optional=optional)
+    if unknown:
+        raise TypeError(f"{where}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(valid) or '(none)'}")
+    if missing:
+        raise TypeError(f"{where}: missing required parameter(s) {', '.join(missing)}")
+
+
+def _kwargs_report(
+    factory: Callable, params: Mapping[str, Any], *, reserved: set[str], optional: set[str]
+) -> tuple[list[str], list[str], list[str]]:
+    """(unknown keys, valid keys, missing required keys) of ``params`` for ``factory``."""
     target = factory.__init__ if inspect.isclass(factory) else factory
     sig = inspect.signature(target)
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return
+        return [], [], []
     valid = [n for n, p in sig.parameters.items() if n not in ("self", *reserved) and p.kind is not p.VAR_POSITIONAL]
     unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise TypeError(f"{where}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(valid) or '(none)'}")
     missing = [
-        n for n in valid if sig.parameters[n].default is inspect.Parameter.empty and n not in params
+        n for n in valid
+        if sig.parameters[n].default is inspect.Parameter.empty and n not in params and n not in optional
     ]
-    if missing:
-        raise TypeError(f"{where}: missing required parameter(s) {', '.join(missing)}")
+    return unknown, valid, missing
 
 
 def import_plugins(modules: list[str]) -> None:
@@ -103,27 +168,55 @@ def import_plugins(modules: list[str]) -> None:
             spec = importlib.util.spec_from_file_location(mod_name, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[mod_name] = module
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[mod_name]  # a corrected file can be imported again in this process
+                at = _raised_at(exc, str(path))
+                raise ImportError(f"imports: {entry}{f' line {at[1]}' if at else ''}: {type(exc).__name__}: {exc}") from exc
         else:
             try:
                 importlib.import_module(entry)
             except ModuleNotFoundError as exc:
                 raise ModuleNotFoundError(f"imports: cannot import plugin module '{entry}': {exc}") from exc
+            except Exception as exc:
+                at = _raised_at(exc)
+                raise ImportError(f"imports: {entry}{f' ({at[0]} line {at[1]})' if at else ''}: {type(exc).__name__}: {exc}") from exc
+
+
+def _raised_at(exc: BaseException, filename: str | None = None) -> tuple[str, int] | None:
+    """(file, line) where ``exc`` was raised in the plugin file ``filename`` (default: the module the import
+    ran, the first file after this one in the traceback), or None."""
+    import importlib
+    import traceback
+    from pathlib import Path
+
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        return str(exc.filename), exc.lineno
+    machinery = Path(importlib.__file__).parent
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith("<frozen") and Path(f.filename).parent != machinery
+    ]
+    if filename is None and len(frames) > 1:
+        filename = frames[1].filename  # frames[0] is import_plugins
+    lines = [f.lineno for f in frames if f.filename == filename]
+    return (filename, lines[-1]) if lines else None
 
 
 def _where(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
-DATASETS: Registry = Registry("dataset")
-ENCODERS: Registry = Registry("encoder")
-NETWORKS: Registry = Registry("network")
-METHODS: Registry = Registry("method")
-ROUTERS: Registry = Registry("router")
-MASKS: Registry = Registry("mask")
+DATASETS: Registry = Registry("dataset", context=("root",))
+ENCODERS: Registry = Registry("encoder", context=("input_shape",))
+NETWORKS: Registry = Registry("network", context=("input_shapes", "num_classes"))
+METHODS: Registry = Registry("method", context=("ctx",))
+ROUTERS: Registry = Registry("router", context=("num_teachers", "num_classes", "feature_dim", "views"))
+MASKS: Registry = Registry("mask", context=("channels",))
 LOSSES: Registry = Registry("loss")
-OPTIMIZERS: Registry = Registry("optimizer")
-SCHEDULERS: Registry = Registry("scheduler")
+OPTIMIZERS: Registry = Registry("optimizer", context=("params",))
+SCHEDULERS: Registry = Registry("scheduler", context=("optimizer", "total_steps"))
 VIEWS: Registry = Registry("view")
 CLIP_BACKENDS: Registry = Registry("clip backend")
 AUGMENTATIONS: Registry = Registry("augmentation")

@@ -11,20 +11,25 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from crossmodal_kd.models.frozen import FrozenHolder
+from crossmodal_kd.params import NonNegativeInt, PositiveFloat, PositiveInt, Supplied
 from crossmodal_kd.registry import ROUTERS
 
 
 @dataclass
 class Routing:
+    """``weights`` (B, E) on the per-teacher KD terms; ``probs`` (B, E), the gate distribution (load balance,
+    statistics); ``loss``, the router's own training objective (added by the method), when it has one."""
+
     weights: torch.Tensor
     probs: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
 
     @property
     def top1(self) -> torch.Tensor:
@@ -41,13 +46,33 @@ class Router(nn.Module):
 
 @ROUTERS.register("gate")
 class GateRouter(Router):
-    """MST-Distill's GateNet: ``g = softmax(MLP(student logits or features))``, top-k teachers per instance.
+    """MST-Distill's GateNet (Li et al., MST-Distill, ACM MM 2025; public code Gray-OREO/MST-Distill,
+    ``KD_methods/MST.py``): ``g = softmax(net(student logits or features))`` over the E teachers.
 
-    ``mode='hard'`` (public code): selected teachers get weight 1/k, so the KD term gives the gate no
-    gradient and it learns only from load balancing. ``mode='soft'``: selected teachers are weighted by
-    their renormalised gate probabilities, so the KD term teaches the gate which teacher to pick. The
-    normaliser is detached: the weights have the renormalised values, but the gradient still reaches
-    each selected probability when k = 1 (a fully differentiated renormalisation is constantly 1 there).
+    ``mode``, the weights on the per-teacher KD terms:
+
+    - ``hard``: the top-k teachers, 1/k each (public code, k = 1). The KD term gives the gate no gradient.
+    - ``soft``: the top-k teachers (k >= 2), ``g_i / sum_selected g``, fully differentiated: the gradient on
+      ``g_i`` is ``(KL_i - sum_j w_j KL_j) / sum_selected g``, so it raises the selected teachers that beat the
+      selected average and lowers the others. k = 1 is refused: the renormalised weight is constantly 1
+      (no gradient), and a detached normaliser gives ``KL_i / g_i > 0`` on the chosen teacher at every step,
+      which drives the gate to uniform.
+    - ``dense``: every teacher, weighted by ``g``.
+
+    ``objective``, what trains the gate besides load balancing:
+
+    - ``kd``: the weighted KD term itself (soft, dense; hard has no gradient from it). Minimising
+      ``sum_e w_e KL(p_e || p_s)`` favours the teacher that already agrees with the student, i.e. the least
+      informative one.
+    - ``true_class``: the gate's own loss ``Routing.loss = CE(gate logits, e*)``, where ``e*`` is the teacher
+      whose soft label at ``target_tau`` (the distillation temperature) puts the most mass on the true class.
+      The gate learns to predict, from the student's view of an instance, which specialised teacher is most
+      right about it, whatever the student currently believes; the weights are detached from the gate, so
+      the KD term cannot reward agreement. Needs ``batch['label']`` (training and validation loss only).
+
+    ``linear``: no nonlinearity between the two layers (public GateNet: ``Linear(C, 2C) -> Linear(2C, E)``,
+    i.e. ``hidden: 2C``). ``detach_input``: off in the public code, where the load-balancing gradient
+    reaches the student through its logits.
     """
 
     def __init__(
@@ -55,33 +80,58 @@ class GateRouter(Router):
         num_teachers: int,
         num_classes: int,
         feature_dim: int,
-        k: int = 1,
-        mode: Literal["hard", "soft"] = "soft",
+        k: PositiveInt = 1,
+        mode: Literal["hard", "soft", "dense"] = "hard",
+        objective: Literal["kd", "true_class"] = "true_class",
         input: Literal["logits", "features"] = "logits",
-        hidden: int = 64,
+        hidden: PositiveInt = 64,
+        linear: bool = False,
+        detach_input: bool = True,
+        target_tau: PositiveFloat = 4.0,
     ) -> None:
         super().__init__(num_teachers)
+        if mode not in ("hard", "soft", "dense"):
+            raise ValueError(f"router 'gate': mode must be 'hard', 'soft' or 'dense', got '{mode}'")
         if not 1 <= k <= num_teachers:
             raise ValueError(f"router 'gate': k={k} must be between 1 and the number of teachers ({num_teachers})")
-        if mode not in ("hard", "soft"):
-            raise ValueError(f"router 'gate': mode must be 'hard' or 'soft', got '{mode}'")
+        if mode == "soft" and k == 1:
+            raise ValueError(
+                "router 'gate': mode 'soft' with k=1 cannot learn (its weight is always 1); use mode 'hard' "
+                "(public code) with objective 'true_class', mode 'soft' with k >= 2, or mode 'dense'"
+            )
+        if objective not in ("kd", "true_class"):
+            raise ValueError(f"router 'gate': objective must be 'kd' or 'true_class', got '{objective}'")
         if input not in ("logits", "features"):
             raise ValueError(f"router 'gate': input must be 'logits' or 'features', got '{input}'")
-        self.k, self.mode, self.input = k, mode, input
+        if target_tau <= 0:
+            raise ValueError(f"router 'gate': target_tau must be > 0, got {target_tau}")
+        self.k, self.mode, self.objective, self.input = k, mode, objective, input
+        self.detach_input, self.target_tau = detach_input, float(target_tau)
         in_dim = num_classes if input == "logits" else feature_dim
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_teachers))
+        act = nn.Identity() if linear else nn.ReLU()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), act, nn.Linear(hidden, num_teachers))
 
     def forward(self, student_out: Mapping[str, torch.Tensor], teacher_logits: torch.Tensor, batch=None) -> Routing:
-        x = student_out["logits" if self.input == "logits" else "features"].detach().float()
-        probs = F.softmax(self.net(x), dim=1)
-        top = probs.topk(self.k, dim=1).indices
-        selected = torch.zeros_like(probs).scatter_(1, top, 1.0)
-        if self.mode == "hard":
-            weights = selected / self.k
+        x = student_out["logits" if self.input == "logits" else "features"].float()
+        gate_logits = self.net(x.detach() if self.detach_input else x)
+        probs = F.softmax(gate_logits, dim=1)
+        g = probs.detach() if self.objective == "true_class" else probs
+        if self.mode == "dense":
+            weights = g
         else:
-            masked = probs * selected
-            weights = masked / masked.sum(1, keepdim=True).detach()
-        return Routing(weights=weights, probs=probs)
+            selected = torch.zeros_like(probs).scatter_(1, probs.topk(self.k, dim=1).indices, 1.0)
+            weights = selected / self.k if self.mode == "hard" else g * selected / (g * selected).sum(1, keepdim=True)
+        loss = None
+        if self.objective == "true_class":
+            if batch is None or "label" not in batch:
+                raise KeyError("router 'gate': objective 'true_class' reads batch['label'], which this batch lacks")
+            loss = F.cross_entropy(gate_logits, self.best_teacher(teacher_logits, batch["label"]))
+        return Routing(weights=weights, probs=probs, loss=loss)
+
+    def best_teacher(self, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per instance, the teacher whose soft label at ``target_tau`` puts the most mass on the true class."""
+        log_p = F.log_softmax(teacher_logits.detach().float() / self.target_tau, dim=-1)  # (B, E, C)
+        return log_p.gather(2, labels.view(-1, 1, 1).expand(-1, log_p.shape[1], 1)).squeeze(2).argmax(1)
 
 
 @ROUTERS.register("uniform")
@@ -100,7 +150,7 @@ class UniformRouter(Router):
 class FixedRouter(Router):
     """Always the teacher at ``index`` (single-teacher ablation)."""
 
-    def __init__(self, num_teachers: int, num_classes: int = 0, feature_dim: int = 0, index: int = 0) -> None:
+    def __init__(self, num_teachers: int, num_classes: int = 0, feature_dim: int = 0, index: NonNegativeInt = 0) -> None:
         super().__init__(num_teachers)
         if not 0 <= index < num_teachers:
             raise ValueError(f"router 'fixed': index {index} out of range for {num_teachers} teachers")
@@ -198,9 +248,9 @@ class TextGuidedRouter(FrozenHolder, Router):
         num_teachers: int,
         views: Sequence[str],
         backend: Mapping[str, Any],
-        class_names: Sequence[str],
+        class_names: Annotated[Sequence[str], Supplied()],
         prompts: Sequence[str] | None = None,
-        temperature: float = 0.01,
+        temperature: PositiveFloat = 0.01,
         class_source: Literal["label", "zero_shot"] = "label",
         num_classes: int = 0,
         feature_dim: int = 0,

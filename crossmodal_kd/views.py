@@ -22,12 +22,14 @@ The paper does not publish its operators; these are the documented defaults:
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Annotated, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from crossmodal_kd.config import Component, ConfigError
+from crossmodal_kd.params import PositiveFloat, Probability
 from crossmodal_kd.registry import VIEWS
 
 EPS = 1e-6
@@ -53,7 +55,7 @@ def rgb_view() -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 @VIEWS.register("edge")
-def edge_view(alpha: float = 0.5) -> Callable[[torch.Tensor], torch.Tensor]:
+def edge_view(alpha: Probability = 0.5) -> Callable[[torch.Tensor], torch.Tensor]:
     _check_alpha(alpha, "edge")
 
     def apply(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +78,7 @@ def high_pass_mask(h: int, w: int, radius: float, device: torch.device | None = 
 
 
 @VIEWS.register("highfreq")
-def highfreq_view(alpha: float = 0.5, radius: float = 0.25) -> Callable[[torch.Tensor], torch.Tensor]:
+def highfreq_view(alpha: Probability = 0.5, radius: Annotated[PositiveFloat, Field(le=1)] = 0.25) -> Callable[[torch.Tensor], torch.Tensor]:
     _check_alpha(alpha, "highfreq")
     if not 0.0 < radius <= 1.0:
         raise ValueError(f"view 'highfreq': radius must be in (0, 1] (a fraction of half the shorter side), got {radius}")

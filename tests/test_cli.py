@@ -126,7 +126,7 @@ def test_data_check_reports_missing_files_with_their_path(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{tmp_path / 'avmnist' / 'image' / 'train_data.npy'}: file not found" in out
     assert f"{tmp_path / 'avmnist' / 'image' / 'test_data.npy'}: file not found" in out
-    assert out.strip().endswith("avmnist: 2 problem(s)")
+    assert out.strip().endswith("avmnist: 6 problem(s)")  # all six files, not the first of each split
 
     write_avmnist(tmp_path)
     assert main(["data", "check", "avmnist", "--root", str(tmp_path)]) == 0

@@ -109,9 +109,9 @@ def _student_out(b=6, c=5, d=7):
     return {"logits": torch.randn(b, c), "features": torch.randn(b, d)}
 
 
-@pytest.mark.parametrize("mode,k,expect_grad", [("soft", 1, True), ("soft", 2, True), ("hard", 1, False), ("hard", 2, False)])
+@pytest.mark.parametrize("mode,k,expect_grad", [("dense", 1, True), ("soft", 2, True), ("hard", 1, False), ("hard", 2, False)])
 def test_router_gradient_from_kd_term(mode, k, expect_grad):
-    router = GateRouter(num_teachers=3, num_classes=5, feature_dim=7, k=k, mode=mode)
+    router = GateRouter(num_teachers=3, num_classes=5, feature_dim=7, k=k, mode=mode, objective="kd")
     out = _student_out()
     teacher_logits = torch.randn(6, 3, 5)
     routing = router(out, teacher_logits)
@@ -129,7 +129,7 @@ def test_router_gradient_from_kd_term(mode, k, expect_grad):
 
 
 def test_topk_selection_on_hand_made_gate():
-    router = GateRouter(num_teachers=4, num_classes=2, feature_dim=2, k=2, mode="soft", hidden=4)
+    router = GateRouter(num_teachers=4, num_classes=2, feature_dim=2, k=2, mode="soft", objective="kd", hidden=4)
     logits_to_probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.15, 0.05]])
     router.net = nn.Sequential(nn.Identity())  # gate logits = log-probs below
     out = {"logits": logits_to_probs.log(), "features": torch.zeros(2, 2)}

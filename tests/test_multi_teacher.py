@@ -103,10 +103,10 @@ def test_alpha_and_tau_are_the_papers_by_default(ctx):
 
 
 def test_router_combination_trains_a_gate_with_load_balancing(ctx):
-    method = build(ctx, combine="router", router={"name": "gate", "params": {"k": 1, "mode": "soft"}})
+    method = build(ctx, combine="router", router={"name": "gate", "params": {"k": 1, "mode": "hard", "objective": "true_class"}})
     batch = make_batch()
     _, losses = method(batch)
-    assert set(losses) == {"ce", "kd", "load_balance"}
+    assert set(losses) == {"ce", "kd", "load_balance", "route"}
     assert method.parameter_counts()["router"] > 0
     opt = torch.optim.SGD(method.parameters(), lr=0.1)
     before = [p.clone() for p in method.router.parameters()]

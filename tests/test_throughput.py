@@ -25,16 +25,22 @@ def test_two_steps_on_the_synthetic_mst_config(throughput, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| stage | method | ms/step | samples/s |")
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
-    assert [(r[0], r[1]) for r in rows] == [("plain", "supervised"), ("collab", "collaborative"), ("mask_mm_1", "mask"), ("routed", "mst_distill")]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("plain", "supervised"), ("collab", "collaborative"),
+        ("mask_mm_1 (live teachers)", "mask"), ("mask_mm_1 (target store)", "mask"),  # its frozen student's targets
+        ("routed (live teachers)", "mst_distill"), ("routed (target store)", "mst_distill"),
+    ]
     for r in rows:
         assert float(r[2]) > 0 and float(r[3]) > 0
+        assert (r[7] != "") == r[0].endswith("(target store)")  # the store's build time, on its rows only
     assert rows[0][5] == "1.00"  # the plain step is the reference
 
 
 def test_rows_and_errors(throughput):
     rows = throughput.run([str(TEST_CONFIGS / "synthetic_mst.yaml"), "--device", "cpu", "--steps", "1", "--warmup", "0",
                            "--stages", "routed", "--batch-size", "8", "--mixed-precision", "bf16"])
-    assert [r["stage"] for r in rows] == ["plain", "routed"]
+    assert [r["stage"] for r in rows] == ["plain", "routed (live teachers)", "routed (target store)"]
+    assert rows[1]["live_teacher_passes"] > 0 and rows[2]["live_teacher_passes"] == 0  # served: no teacher forward
     assert rows[1]["info"]["mixed_precision"] == "bf16" and rows[1]["info"]["batch_size"] == 8
     with pytest.raises(ConfigError, match="no stage named 'nope'"):
         throughput.run([str(TEST_CONFIGS / "synthetic_mst.yaml"), "--device", "cpu", "--stages", "nope"])

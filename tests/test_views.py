@@ -52,8 +52,8 @@ def test_edge_view_marks_a_step_and_ignores_flat_regions():
 
 
 @pytest.mark.parametrize(("name", "params", "match"), [
-    ("edge", {"alpha": 1.5}, "alpha must be in"),
-    ("highfreq", {"radius": 0.0}, "radius must be in"),
+    ("edge", {"alpha": 1.5}, r"^view\.edge\.alpha: Input should be less than or equal to 1 \(got 1\.5\)$"),
+    ("highfreq", {"radius": 0.0}, r"^view\.highfreq\.radius: Input should be greater than 0 \(got 0\.0\)$"),
 ])
 def test_bad_view_parameters_are_named(name, params, match):
     with pytest.raises(ValueError, match=match):

@@ -283,19 +283,19 @@ ON_SYNTHETIC = [  # the avdigits networks on synthetic data of avdigits' shapes
 
 
 def test_wordnet_clip_configs_fast_dev_run(tmp_path, tiny_bert):
-    """The main recipe, then the leakage ablation resumed in the same run directory: the shared stages
-    (same names, same seeds) are reused, only T_x on the exact class names and its student are new."""
-    small = [f"stages.align.method.params.text.model={tiny_bert}"]
+    """The main recipe, then both recipes (main + leakage ablation) resumed in the same run directory: the
+    shared stages (same names, same settings: fingerprints match) are reused, only T_x on the exact class
+    names and its students are new."""
+    small = [f"stages.align.method.params.text.model={tiny_bert}", "stages.tx.method.params.pool.max_nouns=300",
+             f"stages.tx.method.params.cache_dir={tmp_path / 'nouns'}"]
     run = tmp_path / "run"
-    main = Runner(load_config(CONFIGS / "wordnet_clip.yaml", [*ON_SYNTHETIC, *small,
-                                                            "stages.tx.method.params.pool.max_nouns=300",
-                                                            f"stages.tx.method.params.cache_dir={tmp_path / 'nouns'}"]),
+    main = Runner(load_config(CONFIGS / "wordnet_clip.yaml", [*ON_SYNTHETIC, *small]),
                   run, fast_dev_run=True, progress=False).run()
     stages = main["stages"]
     assert list(stages) == ["align", "student_only", "visual_strong", "visual_weak", "tx", "student_visual",
                             "student_wordnet", "student_wordnet_val", "student_wordnet_router"]
     tx_log = [json.loads(line) for line in (run / "stages" / "tx" / "log.jsonl").read_text().splitlines()]
-    assert tx_log[0]["nouns/pool"] == 300 and 0 < tx_log[0]["nouns/kept"] <= 100
+    assert tx_log[0]["nouns/pool"] == 64 and 0 < tx_log[0]["nouns/kept"] <= 100  # max_nouns 300, fast-dev cap 64
     assert {"train/ce", "train/class", "train/pretrained"} <= set(tx_log[0])
     val_log = json.loads((run / "stages" / "student_wordnet_val" / "log.jsonl").read_text().splitlines()[0])
     acc = {t: read_json(run / "stages" / t / "result.json")["models"]["model"]["val"]["accuracy"]
@@ -306,7 +306,7 @@ def test_wordnet_clip_configs_fast_dev_run(tmp_path, tiny_bert):
     tx = load_model(run / "stages" / "tx" / "models" / "model.pt")
     assert isinstance(tx, RelaxedClipTeacher) and not {"class0", "class1", "class2", "class3"} & set(tx.nouns)
 
-    leak = Runner(load_config(CONFIGS / "wordnet_clip_leak.yaml", [*ON_SYNTHETIC, *small]), run, resume=True,
+    leak = Runner(load_config(CONFIGS / "wordnet_clip_all.yaml", [*ON_SYNTHETIC, *small]), run, resume=True,
                   fast_dev_run=True, progress=False).run()["stages"]
     assert leak["visual_strong"] == stages["visual_strong"]  # reused, not retrained
     assert load_model(run / "stages" / "tx_leak" / "models" / "model.pt").nouns == ["class0", "class1", "class2", "class3"]

@@ -12,6 +12,12 @@ overrides). Timed: the first stage of each MST-Distill method (``collaborative``
 (``--student``, a name under ``networks:``) with the distillation stage's optimizer. Each step is the
 training loop's own (:func:`crossmodal_kd.engine.trainer.train_step`).
 
+Frozen teachers: a distillation stage is timed as training runs it, its teachers' outputs served by the
+target store (:mod:`crossmodal_kd.targets`), and with ``--targets both`` (default) also with the teachers
+run live on every step (the cost without the store). The store's one-time build is reported apart, as
+milliseconds per training sample (a real run's build of the whole training split is ``target_build_s`` in
+its ``result.json``).
+
 Peak memory: ``torch.cuda.max_memory_allocated`` during the timed steps on GPU; on CPU, the growth of
 the process RSS (sampled every few ms) over its value before the stage was built.
 """
@@ -38,6 +44,7 @@ from crossmodal_kd.data import ArrayDataset, build_dataset, collate_batch
 from crossmodal_kd.engine.context import BuildContext, model_path, save_model
 from crossmodal_kd.engine.trainer import build_training, make_accelerator, train_step
 from crossmodal_kd.registry import import_plugins
+from crossmodal_kd.targets import TargetStore, TargetTable
 
 DEFAULT_CONFIG = "configs/avdigits/mst_distill.yaml"
 MST_METHODS = ("collaborative", "mask", "mst_distill")
@@ -57,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", help="input shapes, e.g. image=1x28x28,audio=1x40x51 (default: the dataset's)")
     p.add_argument("--num-classes", type=int, help="default: the dataset's")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--targets", choices=("store", "live", "both"), default="both",
+                   help="frozen teachers served by the target store, run live, or both (two rows)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -144,9 +153,32 @@ def release_memory() -> None:
         pass
 
 
+def serve_targets(acc, core: Any, batch: dict[str, torch.Tensor]) -> float | None:
+    """Attach a target table covering ``batch`` to each storable teacher call of ``core`` and fill it as the
+    store's build does; the build time in ms per sample, or None when the stage has no storable call."""
+    calls = [c for c in core.teacher_calls().values() if c.deterministic]
+    if not calls:
+        return None
+    n = batch["label"].shape[0]
+    tables = []
+    for call in calls:
+        call.tables["train"] = TargetTable(Path("unused"), "throughput", n, acc.device)
+        tables.append((call, call.tables["train"]))
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize(acc.device)
+    start = time.perf_counter()
+    with acc.autocast():
+        TargetStore.fill(tables, [batch])
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize(acc.device)
+    core.set_target_split("train")
+    return 1000 * (time.perf_counter() - start) / n
+
+
 def measure(acc, ctx: BuildContext, index: int, stage: StageConfig, batch: dict[str, torch.Tensor], warmup: int, steps: int,
-            save_dir: Path | None = None) -> dict[str, Any]:
-    """Build ``stage`` (saving its fresh models under ``save_dir``), then time ``warmup + steps`` training steps."""
+            save_dir: Path | None = None, store: bool = False) -> dict[str, Any]:
+    """Build ``stage`` (saving its fresh models under ``save_dir``), then time ``warmup + steps`` training steps;
+    with ``store``, frozen teachers are served from a target table built first (its build time reported)."""
     release_memory()
     cuda = acc.device.type == "cuda"
     rss_before = psutil.Process().memory_info().rss
@@ -159,6 +191,10 @@ def measure(acc, ctx: BuildContext, index: int, stage: StageConfig, batch: dict[
     for module in core.frozen_modules().values():
         module.to(acc.device)
     batch = {k: v.to(acc.device) for k, v in batch.items()}
+    build_ms = serve_targets(acc, core, batch) if store else None
+    if store and build_ms is None:
+        acc.free_memory(method, optimizer, scheduler)
+        return {}
     method.train()
     core.on_epoch_start(0)
 
@@ -179,9 +215,12 @@ def measure(acc, ctx: BuildContext, index: int, stage: StageConfig, batch: dict[
         elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(acc.device) if cuda else rss.peak - rss_before
     acc.free_memory(method, optimizer, scheduler)
+    live = sum(c.live_batches for c in core.teacher_calls().values())
     return {
-        "stage": stage.name,
+        "stage": stage.name + (" (target store)" if store else " (live teachers)" if core.teacher_calls() else ""),
         "method": stage.method.name,
+        "build_ms_per_sample": build_ms,
+        "live_teacher_passes": live,
         "ms_per_step": 1000 * elapsed / steps,
         "samples_per_s": batch["label"].shape[0] * steps / elapsed,
         "peak_mib": peak / 2**20,
@@ -221,7 +260,12 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows = [measure(acc, context(-1, "plain step (--student)"), -1, plain, batch, args.warmup, args.steps)]
         for index, stage in enumerate(cfg.stages[: last + 1]):
             if stage.name in names:
-                rows.append(measure(acc, context(index), index, stage, batch, args.warmup, args.steps, save_dir=Path(tmp)))
+                if args.targets in ("live", "both"):
+                    rows.append(measure(acc, context(index), index, stage, batch, args.warmup, args.steps, save_dir=Path(tmp)))
+                if args.targets in ("store", "both"):
+                    row = measure(acc, context(index), index, stage, batch, args.warmup, args.steps,
+                                  save_dir=Path(tmp), store=True)
+                    rows += [row] if row else []
             else:  # only its fresh models are needed, as teachers of later stages
                 method, _, _ = build_training(context(index), index, stage, total_steps=1)
                 for name, module in method.models().items():
@@ -245,12 +289,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         f"{info['config']} on {info['device']}, mixed precision {info['mixed_precision']}, batch {info['batch_size']}, "
         f"{info['steps']} timed steps after {info['warmup']} warm-up",
         "",
-        f"| stage | method | ms/step | samples/s | {memory} | time x plain | memory x plain |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"| stage | method | ms/step | samples/s | {memory} | time x plain | memory x plain | store build (ms/sample) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        build = "" if r.get("build_ms_per_sample") is None else f"{r['build_ms_per_sample']:.3f}"
         lines.append(f"| {r['stage']} | {r['method']} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.0f} | "
-                     f"{r['peak_mib']:.1f} | {r['time_ratio']:.2f} | {r['memory_ratio']:.2f} |")
+                     f"{r['peak_mib']:.1f} | {r['time_ratio']:.2f} | {r['memory_ratio']:.2f} | {build} |")
     return "\n".join(lines)
 
 

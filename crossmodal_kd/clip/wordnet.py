@@ -80,13 +80,8 @@ def prepare_wordnet(source: str | Path | None = None, nltk_data: str | Path | No
     target = root / "corpora" / "wordnet"
     if _is_complete(target):
         return root
-    if not source.is_dir():
-        raise WordNetUnavailableError(f"WordNet: no database folder at {source}; {INSTALL_HINT}")
-    missing = [f for f in REQUIRED_FILES if not (source / f).is_file()]
-    if missing:
-        raise WordNetUnavailableError(
-            f"WordNet: the database at {source} is incomplete (missing {', '.join(missing)}); {INSTALL_HINT}"
-        )
+    if problem := _database_problem(source):
+        raise WordNetUnavailableError(problem)
     for folder in (root, root / "corpora"):
         _private_dir(folder)
     if target.exists():  # left broken by hand or by an old tool: it is generated, so replace it
@@ -111,6 +106,29 @@ def prepare_wordnet(source: str | Path | None = None, nltk_data: str | Path | No
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("WordNet: prepared %s from %s", target, source)
     return root
+
+
+def _database_problem(source: Path) -> str | None:
+    if not source.is_dir():
+        return f"WordNet: no database folder at {source}; {INSTALL_HINT}"
+    missing = [f for f in REQUIRED_FILES if not (source / f).is_file()]
+    if missing:
+        return f"WordNet: the database at {source} is incomplete (missing {', '.join(missing)}); {INSTALL_HINT}"
+    return None
+
+
+def wordnet_problem() -> str | None:
+    """Why :func:`load_wordnet` (default arguments) would fail, found cheaply (nothing read or copied), or None."""
+    import nltk
+
+    try:
+        nltk.data.find("corpora/wordnet")
+        return None
+    except LookupError:
+        pass
+    if _is_complete(default_cache_root() / "nltk_data" / "corpora" / "wordnet"):
+        return None
+    return _database_problem(Path(os.environ.get(SOURCE_ENV) or DEFAULT_SOURCE))
 
 
 def load_wordnet(source: str | Path | None = None, nltk_data: str | Path | None = None):

@@ -15,6 +15,10 @@ from crossmodal_kd.io import atomic_torch_save
 from crossmodal_kd.registry import ALL_REGISTRIES
 
 MODEL_FILE_FORMAT = 1
+# fast-dev-run bounds on build-time work (BuildContext.fast_dev_run): rows of the probe batch, batches
+# of a training-split scan, and the per-method caps that go through BuildContext.bound
+FAST_DEV_SAMPLES = 32
+FAST_DEV_SCAN_BATCHES = 2
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:
@@ -81,17 +85,34 @@ class BuildContext:
     class_names: list[str] = field(default_factory=list)  # the dataset's, index = label
     train_data: Any = field(default=None, repr=False)  # the training split (methods that scan it once)
     views: Any = field(default=None, repr=False)  # the run's ViewSet (batch -> batch), applied by train_batches
+    fast_dev_run: bool = False  # a plumbing check: build-time work is bounded (sample_batch, train_batches, bound)
+
+    def __post_init__(self) -> None:
+        if self.fast_dev_run:
+            self.sample_batch = {k: v[:FAST_DEV_SAMPLES] for k, v in self.sample_batch.items()}
+
+    def bound(self, value: int | None, fast: int) -> int | None:
+        """``value`` (``None``: unbounded), capped at ``fast`` in a fast-dev-run: the number of passes,
+        iterations or items a method's build-time work may use."""
+        if not self.fast_dev_run:
+            return value
+        return fast if value is None else min(value, fast)
 
     def train_batches(self, batch_size: int = 512) -> Iterator[dict[str, torch.Tensor]]:
         """The whole training split in order (no shuffling, no augmentation), views applied, on the CPU:
-        for methods that summarise the training set when they are built (e.g. image-aware noun filtering)."""
+        for methods that summarise the training set when they are built (e.g. image-aware noun filtering).
+        A fast-dev-run reads ``FAST_DEV_SCAN_BATCHES`` batches of at most ``FAST_DEV_SAMPLES`` rows."""
         if self.train_data is None:
             raise ConfigError(f"{self.where}: this method scans the training split, which the build context lacks")
         from torch.utils.data import DataLoader
 
         from crossmodal_kd.data import collate_batch
 
-        for batch in DataLoader(self.train_data, batch_size=batch_size, shuffle=False, collate_fn=collate_batch):
+        batch_size = self.bound(batch_size, FAST_DEV_SAMPLES)
+        loader = DataLoader(self.train_data, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
+        for i, batch in enumerate(loader):
+            if self.fast_dev_run and i >= FAST_DEV_SCAN_BATCHES:
+                return
             yield self.views(batch) if self.views is not None else batch
 
     def network_spec(self, name: str) -> Component:
@@ -147,4 +168,6 @@ class BuildContext:
         path = self.resolve(ref, key)
         if not path.is_file():
             raise FileNotFoundError(f"{self.where}.{key}: model file {path} does not exist (has its stage run?)")
-        return load_model(path)
+        module = load_model(path)
+        module.source_ref = self.ref(ref, key).model_dump()  # which stage trained it (cross-fitting retrains that stage)
+        return module

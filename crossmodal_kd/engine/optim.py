@@ -6,11 +6,23 @@ import math
 
 import torch
 
+from crossmodal_kd.params import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, Probability
 from crossmodal_kd.registry import OPTIMIZERS, SCHEDULERS
 
-OPTIMIZERS.register("adamw")(torch.optim.AdamW)
-OPTIMIZERS.register("adam")(torch.optim.Adam)
-OPTIMIZERS.register("sgd")(torch.optim.SGD)
+# torch's own classes and defaults; the config types of their parameters are declared here
+ADAM_TYPES = {
+    "lr": PositiveFloat,
+    "betas": tuple[Fraction, Fraction],
+    "eps": PositiveFloat,
+    "weight_decay": NonNegativeFloat,
+    "amsgrad": bool,
+}
+OPTIMIZERS.register("adamw", types=ADAM_TYPES)(torch.optim.AdamW)
+OPTIMIZERS.register("adam", types=ADAM_TYPES)(torch.optim.Adam)
+OPTIMIZERS.register("sgd", types={
+    "lr": PositiveFloat, "momentum": Fraction, "dampening": NonNegativeFloat,
+    "weight_decay": NonNegativeFloat, "nesterov": bool,
+})(torch.optim.SGD)
 
 
 def _warmup(step: int, warmup_steps: int) -> float:
@@ -18,12 +30,14 @@ def _warmup(step: int, warmup_steps: int) -> float:
 
 
 @SCHEDULERS.register("constant")
-def constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0):
+def constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: NonNegativeInt = 0):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup(s, warmup_steps))
 
 
 @SCHEDULERS.register("cosine")
-def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_factor: float = 0.0):
+def cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: NonNegativeInt = 0, min_factor: Probability = 0.0
+):
     """Linear warm-up, then cosine decay from the base rate to ``min_factor`` of it at ``total_steps``."""
 
     def factor(step: int) -> float:
@@ -36,7 +50,12 @@ def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
 
 
 @SCHEDULERS.register("multistep")
-def multistep(optimizer: torch.optim.Optimizer, total_steps: int, milestones: tuple[float, ...] = (0.5, 0.75), gamma: float = 0.1):
+def multistep(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    milestones: tuple[Probability, ...] = (0.5, 0.75),
+    gamma: PositiveFloat = 0.1,
+):
     """Multiply the rate by ``gamma`` at each milestone, given as fractions of the run."""
     steps = sorted(int(m * total_steps) for m in milestones)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: gamma ** sum(s >= m for m in steps))

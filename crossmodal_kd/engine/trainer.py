@@ -5,7 +5,8 @@ Run directory::
     config.yaml          resolved config          metrics.json   {"stages": {stage: {"models": {m: {"val", "test"}}}}}
     environment.json     seed, world size, versions
     log.jsonl            every epoch of every stage
-    stages/<stage>/      log.jsonl, curves.png, result.json (marks the stage done),
+    stages/<stage>/      fingerprint.json (what determines the stage; checked by --resume),
+                         log.jsonl, curves.png, result.json (marks the stage done),
                          models/<model>.pt (best on validation), checkpoints/epoch_*/ (while training)
 """
 
@@ -18,8 +19,9 @@ import platform
 import shutil
 import time
 import zlib
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
@@ -32,7 +34,18 @@ from crossmodal_kd.config import ConfigError, RunConfig, StageConfig, dump_confi
 from crossmodal_kd.data import DataSplits, EpochSampler, build_dataset, collate_batch
 from crossmodal_kd.engine.checkpoint import latest_good_checkpoint, load_trainer_state, save_checkpoint
 from crossmodal_kd.engine.context import BuildContext, load_model, model_path, save_model, stage_dir
+from crossmodal_kd.engine.fingerprint import (
+    differences,
+    mismatch_message,
+    stage_fingerprints,
+    started_stages,
+    with_dependents,
+)
+from crossmodal_kd.engine.launch import warn_launch_mismatch
 from crossmodal_kd.engine.metrics import classification_metrics
+from crossmodal_kd.engine.preflight import preflight
+from crossmodal_kd.engine.crossfit import fill_out_of_fold
+from crossmodal_kd.engine.targets import attach_targets, live_batches
 from crossmodal_kd.engine.report import plot_curves, read_jsonl, results_table, write_jsonl
 from crossmodal_kd.io import atomic_write_json, atomic_write_text
 from crossmodal_kd.registry import METHODS, OPTIMIZERS, SCHEDULERS, import_plugins
@@ -70,6 +83,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         raise ConfigError(
             "accelerator.mixed_precision=fp16 needs a GPU; on CPU use bf16 (CPU autocast) or 'no'"
         )
+    warn_launch_mismatch(accelerator.num_processes)
     return accelerator
 
 
@@ -119,7 +133,9 @@ def train_step(
 
 
 class Runner:
-    """Runs every stage of ``cfg`` in ``run_dir``; finished stages are skipped on ``resume``."""
+    """Runs every stage of ``cfg`` in ``run_dir``. On ``resume``, stages whose fingerprint matches are
+    continued (finished ones reused) and any other started stage stops the run; ``restart_stages`` (and
+    the stages depending on them) are deleted and trained afresh, which implies ``resume`` for the rest."""
 
     def __init__(
         self,
@@ -129,10 +145,14 @@ class Runner:
         resume: bool = False,
         fast_dev_run: bool = False,
         progress: bool = True,
+        restart_stages: Sequence[str] = (),
     ) -> None:
         import_plugins(cfg.imports)
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.resume, self.fast_dev_run = resume, fast_dev_run
+        for name in restart_stages:
+            cfg.stage(name)  # ConfigError naming the stages when there is no such stage
+        self.resume, self.fast_dev_run = resume or bool(restart_stages), fast_dev_run
+        self.restart = with_dependents(cfg, restart_stages)
         self.accelerator = make_accelerator(cfg)
         self.progress = progress and self.accelerator.is_local_main_process
         for key in ("batch_size", "eval_batch_size"):
@@ -143,12 +163,13 @@ class Runner:
                     f"{self.accelerator.num_processes} processes"
                 )
         self.data: DataSplits | None = None
+        self.dataset_identity: dict[str, Any] = {}
         self.views = ViewSet(cfg.data.views)
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
+        preflight(self.cfg, self.run_dir, resume=self.resume)  # every stage's config, before anything is written
         self._prepare_run_dir()
-        self.data = self._load_data()
         metrics = {"stages": {}}
         for index, stage in enumerate(self.cfg.stages):
             metrics["stages"][stage.name] = self.run_stage(index, stage)
@@ -174,11 +195,11 @@ class Runner:
         return metrics
 
     def _prepare_run_dir(self) -> None:
+        """Check the directory is usable and holds nothing this run must not touch, load the data, check
+        the started stages' fingerprints (every process, so all decide alike), and only then remove
+        restarted stages and write config.yaml (so a run that fails before training blocks nothing)."""
         acc = self.accelerator
-        cfg_file = self.run_dir / "config.yaml"
         if acc.is_main_process:
-            if cfg_file.exists() and not self.resume:
-                raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --output-dir")
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 probe = self.run_dir / ".write_probe"
@@ -189,9 +210,69 @@ class Runner:
             free = shutil.disk_usage(self.run_dir).free
             if free < MIN_FREE_BYTES:
                 raise TrainingError(f"output directory {self.run_dir}: only {free / 2**20:.0f} MiB free on its disk")
-            atomic_write_text(cfg_file, dump_config(self.cfg))
+        started = self._check_started_stages()
+        if self.data is None:
+            self.data = self._load_data()
+        self._check_fingerprints(started)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if self.restart:
+                log.warning("--restart-stage: training %s afresh (with the stages that depend on it); their directories are removed", ", ".join(self.restart))
+                for name in self.restart:
+                    shutil.rmtree(stage_dir(self.run_dir, name), ignore_errors=True)
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
             atomic_write_json(self.run_dir / "environment.json", self._environment())
         acc.wait_for_everyone()
+
+    def _check_started_stages(self) -> list[str]:
+        """The stages of ``run_dir`` that hold training state; refused without ``resume`` or when some
+        belong to another config."""
+        started = started_stages(self.run_dir)
+        if started and not self.resume:
+            raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --output-dir")
+        names = [s.name for s in self.cfg.stages]
+        foreign = [s for s in started if s not in names]
+        if foreign:
+            raise TrainingError(
+                f"cannot resume {self.run_dir}: it holds stage(s) {', '.join(foreign)} that this config does not have "
+                f"(stages: {', '.join(names)}); use a new --output-dir"
+            )
+        return started
+
+    def _check_fingerprints(self, started: list[str]) -> None:
+        """Refuse to continue started stages (not being restarted) whose fingerprint differs from this run's."""
+        mismatched, legacy = {}, []
+        for name in (s.name for s in self.cfg.stages):
+            if name not in started or name in self.restart:
+                continue
+            path = stage_dir(self.run_dir, name) / "fingerprint.json"
+            if not path.exists():
+                legacy.append(name)
+                continue
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise TrainingError(f"{path}: unreadable fingerprint ({exc}); use --restart-stage {name} or a new --output-dir") from None
+            if diffs := differences(old, self.fingerprints[name]):
+                mismatched[name] = diffs
+        if mismatched:
+            raise TrainingError(mismatch_message(self.run_dir, self.cfg, mismatched))
+        if legacy and self.accelerator.is_main_process:
+            log.warning("stage(s) %s in %s have no fingerprint.json (trained before fingerprints were recorded); "
+                        "assumed to match this config", ", ".join(legacy), self.run_dir)
+
+    @cached_property
+    def fingerprints(self) -> dict[str, dict[str, Any]]:
+        """Every stage's fingerprint (needs the data loaded: it includes the dataset's identity)."""
+        acc, cfg = self.accelerator, self.cfg
+        run = {
+            "seed": cfg.seed,
+            "fast_dev_run": self.fast_dev_run,
+            "world_size": acc.num_processes,
+            "mixed_precision": acc.mixed_precision,
+            "gradient_accumulation_steps": cfg.accelerator.gradient_accumulation_steps,
+        }
+        return stage_fingerprints(cfg, run, self.dataset_identity)
 
     def _environment(self) -> dict[str, Any]:
         import accelerate
@@ -209,9 +290,12 @@ class Runner:
         }
 
     def _load_data(self) -> DataSplits:
+        """The data splits; also records the dataset's identity (``fingerprint()``, if the family has one)."""
         family = build_dataset(self.cfg.data.name, self.cfg.data.root, self.cfg.data.params)
         with self.accelerator.main_process_first():
-            return family.load()
+            data = family.load()
+        self.dataset_identity = family.fingerprint() if hasattr(family, "fingerprint") else {}
+        return data
 
     # ------------------------------------------------------------------ one stage
     def run_stage(self, index: int, stage: StageConfig) -> dict[str, Any]:
@@ -220,6 +304,8 @@ class Runner:
         if result_file.is_file() and self.resume:
             log.info("stage %s already finished; skipping", stage.name)
             return json.loads(result_file.read_text())
+        if self.accelerator.is_main_process:  # before the first epoch: what this stage's state will come from
+            atomic_write_json(sdir / "fingerprint.json", self.fingerprints[stage.name])
         set_seed(stage_seed(self.cfg.seed, stage.name))
         return StageTrainer(self, index, stage, sdir).train()
 
@@ -247,7 +333,7 @@ class StageTrainer:
         self.log_file = sdir / "log.jsonl"
         self.ckpt_root = sdir / "checkpoints"
 
-    def _build(self) -> None:
+    def _build(self, build_targets: bool = True) -> None:
         r, stage = self.runner, self.stage
         loaders = r.loaders(stage_seed(r.cfg.seed, self.stage.name))
         ctx = BuildContext(
@@ -261,16 +347,25 @@ class StageTrainer:
             class_names=list(r.data.class_names),
             train_data=r.data.train,
             views=r.views,
+            fast_dev_run=self.fast,
         )
         batches = min(len(loaders["train"]), FAST_DEV_BATCHES) if self.fast else len(loaders["train"])
         self.steps_per_epoch = math.ceil(batches / r.cfg.accelerator.gradient_accumulation_steps)
         method, optimizer, scheduler = build_training(ctx, self.index, stage, self.steps_per_epoch * self.epochs)
+        for module in method.frozen_modules().values():
+            module.to(self.acc.device)
+        self.calls = method.teacher_calls()
+        self.targets = attach_targets(
+            self.acc, self.calls, r.cfg, r.data, r.views, r.run_dir, stage=stage.name,
+            enabled=stage.targets.store, build=build_targets and not self.fast, progress=r.progress,
+        )
+        if stage.targets.cross_fit and build_targets:  # before prepare: the fold stages use the accelerator too
+            self.targets["cross_fit"] = fill_out_of_fold(self, stage.targets.cross_fit)
+            self.targets["build_s"] += self.targets["cross_fit"].get("build_s", 0.0)
         (self.method, self.optimizer, self.scheduler, self.train_loader, self.val_loader, self.test_loader) = self.acc.prepare(
             method, optimizer, scheduler, loaders["train"], loaders["val"], loaders["test"]
         )
         self.core: Any = self.acc.unwrap_model(self.method)
-        for module in self.core.frozen_modules().values():
-            module.to(self.acc.device)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
@@ -304,6 +399,7 @@ class StageTrainer:
     def _train_epoch(self, epoch: int) -> tuple[dict[str, float], int]:
         acc, method = self.acc, self.method
         method.train()
+        self.core.set_target_split("train")
         self.core.on_epoch_start(epoch)
         self.train_loader.set_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
@@ -353,6 +449,7 @@ class StageTrainer:
     def evaluate(self, loader: DataLoader, with_loss: bool = False) -> dict[str, Any]:
         acc, core = self.acc, self.core
         core.eval()
+        core.set_target_split("test" if loader is self.test_loader else "val")
         preds: dict[str, list[torch.Tensor]] = {}
         labels: list[torch.Tensor] = []
         loss_sum = torch.zeros((), device=acc.device)
@@ -379,7 +476,7 @@ class StageTrainer:
         return out
 
     def evaluate_saved(self) -> dict[str, Any]:
-        self._build()
+        self._build(build_targets=False)
         out = {}
         for name, module in self.core.models().items():
             module.load_state_dict(load_model(model_path(self.runner.run_dir, self.stage.name, name)).state_dict())
@@ -420,8 +517,13 @@ class StageTrainer:
             "parameters": self.core.parameter_counts(),
             "train_time_s": round(train_time, 2),
             "train_samples_per_s": round(samples / train_time, 1) if train_time > 0 and samples else None,
+            "targets": self.targets["calls"],  # per frozen-teacher call: "served" (target store) or why it ran live
+            "cross_fit": self.targets.get("cross_fit"),  # {k, grouped, stages} when targets.cross_fit is set
+            "target_build_s": self.targets["build_s"],
+            "teacher_live_batches": live_batches(self.core.teacher_calls()),
             "peak_memory_mb": _peak_memory_mb(self.acc.device),
             "epochs": self.epochs,
+            **self.core.result_info(rows),
         }
         if self.acc.is_main_process:
             for name, module in models.items():

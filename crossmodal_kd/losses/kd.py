@@ -27,7 +27,14 @@ def kd_kl(student_logits: torch.Tensor, target_logits: torch.Tensor, tau: float 
 
 
 @LOSSES.register("load_balance")
-def load_balance_kl(mean_gate: torch.Tensor) -> torch.Tensor:
-    """``KL(U || mean_gate)``: zero when the batch-averaged gate is uniform over the E experts."""
+def load_balance_kl(mean_gate: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """``KL(U || mean_gate)``: zero when the batch-averaged gate is uniform over the E experts.
+
+    ``reduction='batchmean'`` divides by E: the public MST-Distill code's ``nn.KLDivLoss(reduction='batchmean')``
+    applied to the 1-D mean gate (github Gray-OREO/MST-Distill, ``load_balancing_loss``).
+    """
+    if reduction not in ("sum", "batchmean"):
+        raise ValueError(f"load_balance_kl: reduction must be 'sum' or 'batchmean', got '{reduction}'")
     e = mean_gate.shape[-1]
-    return (torch.log(torch.tensor(1.0 / e)) - torch.log(mean_gate.float().clamp_min(1e-12))).mean()
+    kl = (torch.log(torch.tensor(1.0 / e)) - torch.log(mean_gate.float().clamp_min(1e-12))).mean()
+    return kl / e if reduction == "batchmean" else kl

@@ -29,6 +29,7 @@ from crossmodal_kd.engine.context import BuildContext, attach_spec
 from crossmodal_kd.losses import text_anchored_contrastive
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.models.aligned import TextTower, prompt_embeddings
+from crossmodal_kd.params import PositiveFloat
 from crossmodal_kd.registry import METHODS, NETWORKS
 
 DIGIT_TEMPLATES = ("a photo of the number {}.", "a handwritten digit {}.", "the number {}.")
@@ -51,7 +52,7 @@ class AlignToText(Method):
         image: dict[str, Any],
         text: dict[str, Any] | None = None,
         templates: Sequence[str] = DIGIT_TEMPLATES,
-        temperature: float = 0.07,
+        temperature: PositiveFloat = 0.07,
         class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(ctx)

@@ -9,17 +9,7 @@ import torch
 from torch import nn
 
 from crossmodal_kd.engine.context import BuildContext
-
-
-class Frozen:
-    """A frozen teacher held outside the module tree; calling it runs the module without gradients."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad():
-            return self.module(*args, **kwargs)
+from crossmodal_kd.targets import TeacherCall
 
 
 class Method(nn.Module):
@@ -27,7 +17,10 @@ class Method(nn.Module):
 
     Subclasses build their trainable modules as attributes (they are optimised and checkpointed) and
     register teachers with :meth:`freeze` (kept in eval mode, no gradients, outside the module tree,
-    so they are neither wrapped in DDP nor saved in training checkpoints).
+    so they are neither wrapped in DDP nor saved in training checkpoints). A frozen teacher is called
+    through a :class:`~crossmodal_kd.targets.TeacherCall` (what :meth:`freeze` returns, or
+    :meth:`teacher_call` for a call with hooks), whose outputs the engine's target store serves by
+    sample index once computed: methods never cache teacher outputs themselves.
 
     - ``forward(batch) -> (outputs, {term: weighted loss})``; the engine sums and logs the terms.
     - ``predict(batch) -> {model: logits}``: what is evaluated (accuracy, macro-F1) and selected on val.
@@ -39,16 +32,39 @@ class Method(nn.Module):
         super().__init__()
         object.__setattr__(self, "ctx", ctx)
         object.__setattr__(self, "_frozen", {})
+        object.__setattr__(self, "_calls", {})
         object.__setattr__(self, "_stats", defaultdict(lambda: torch.zeros(())))
         self.epoch = 0
 
     # ---------------------------------------------------------------- teachers
-    def freeze(self, name: str, module: nn.Module) -> Frozen:
-        """Register a teacher: eval mode, no gradients; the engine moves it to the device."""
+    def freeze(self, name: str, module: nn.Module, serve: bool = True) -> TeacherCall:
+        """Register a teacher: eval mode, no gradients; the engine moves it to the device. The returned call
+        runs it (``call(batch)``, ``call.module``); ``serve=False`` when the method only runs the module itself
+        (e.g. with a trainable mask hooked in), so the store does not compute targets nobody reads."""
         module.eval()
         module.requires_grad_(False)
         self._frozen[name] = module
-        return Frozen(module)
+        call = TeacherCall(name, module, [module])
+        if serve:
+            self._calls[name] = call
+        return call
+
+    def teacher_call(
+        self, name: str, fn, modules: list[nn.Module], describe: dict[str, Any] | None = None, deterministic: bool = True
+    ) -> TeacherCall:
+        """Register a frozen call ``fn(batch)`` over already frozen ``modules`` (e.g. a teacher with a frozen
+        mask hooked at ``describe['layer']``); ``deterministic=False`` when its input is randomised."""
+        call = TeacherCall(name, fn, modules, describe, deterministic)
+        self._calls[name] = call
+        return call
+
+    def teacher_calls(self) -> dict[str, TeacherCall]:
+        return dict(self._calls)
+
+    def set_target_split(self, split: str | None) -> None:
+        """Which split's stored targets the teacher calls serve (set by the engine before iterating one)."""
+        for call in self._calls.values():
+            call.split = split
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return dict(self._frozen)
@@ -80,6 +96,10 @@ class Method(nn.Module):
 
     def epoch_info(self) -> dict[str, float]:
         """Scalars to log each epoch besides the losses (e.g. current loss weights)."""
+        return {}
+
+    def result_info(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Extra entries for the stage's result.json, from its per-epoch log rows (e.g. routing statistics)."""
         return {}
 
     def parameter_counts(self) -> dict[str, int]:

@@ -8,6 +8,7 @@ from torch import nn
 from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.losses import drop_target, kd_kl, non_target_kl
 from crossmodal_kd.methods.kd import Distiller
+from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat
 from crossmodal_kd.registry import METHODS
 
 
@@ -46,14 +47,14 @@ class C2KD(Distiller):
     def __init__(
         self,
         ctx: BuildContext,
-        student: str,
-        teacher: dict,
+        student: NetworkName,
+        teacher: ModelRefSpec,
         krc_threshold: float = 0.0,
-        tau: float = 1.0,
-        w_ce: float = 1.0,
-        w_proxy: float = 1.0,
-        w_nt: float = 1.0,
-        student_init: dict | None = None,
+        tau: PositiveFloat = 1.0,
+        w_ce: NonNegativeFloat = 1.0,
+        w_proxy: NonNegativeFloat = 1.0,
+        w_nt: NonNegativeFloat = 1.0,
+        student_init: ModelRefSpec | None = None,
     ) -> None:
         super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd=0.0)
         self.proxy_s = proxy_head(self.student.feature_dim, ctx.num_classes)

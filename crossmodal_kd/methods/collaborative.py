@@ -5,6 +5,7 @@ from __future__ import annotations
 from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.losses import cross_entropy, kd_kl
 from crossmodal_kd.methods.base import Method
+from crossmodal_kd.params import NetworkName, NonNegativeFloat, PositiveFloat
 from crossmodal_kd.registry import METHODS
 from torch import nn
 
@@ -18,7 +19,14 @@ class Collaborative(Method):
     learning); without it, the KL terms also push the peers (the public MST-Distill code).
     """
 
-    def __init__(self, ctx: BuildContext, networks: dict[str, str], tau: float = 4.0, w_kd: float = 1.0, detach_peers: bool = True) -> None:
+    def __init__(
+        self,
+        ctx: BuildContext,
+        networks: dict[str, NetworkName],
+        tau: PositiveFloat = 4.0,
+        w_kd: NonNegativeFloat = 1.0,
+        detach_peers: bool = True,
+    ) -> None:
         super().__init__(ctx)
         if len(networks) < 2:
             raise ValueError(f"{ctx.where}.networks: collaborative training needs at least two networks")

@@ -10,6 +10,7 @@ from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.engine.distributed import gather_cat, global_mean
 from crossmodal_kd.losses import nce_loss
 from crossmodal_kd.methods.kd import Distiller
+from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from crossmodal_kd.registry import METHODS
 
 
@@ -44,19 +45,19 @@ class CRD(Distiller):
     def __init__(
         self,
         ctx: BuildContext,
-        student: str,
-        teacher: dict,
-        bank_size: int | None = None,
-        feat_dim: int = 128,
-        nce_k: int = 4096,
-        nce_t: float = 0.07,
-        momentum: float = 0.5,
-        w_crd: float = 0.8,
-        tau: float = 4.0,
-        w_ce: float = 1.0,
-        w_kd: float = 0.0,
-        warmup_epochs: int = 0,
-        student_init: dict | None = None,
+        student: NetworkName,
+        teacher: ModelRefSpec,
+        bank_size: PositiveInt | None = None,
+        feat_dim: PositiveInt = 128,
+        nce_k: PositiveInt = 4096,
+        nce_t: PositiveFloat = 0.07,
+        momentum: Probability = 0.5,
+        w_crd: NonNegativeFloat = 0.8,
+        tau: PositiveFloat = 4.0,
+        w_ce: NonNegativeFloat = 1.0,
+        w_kd: NonNegativeFloat = 0.0,
+        warmup_epochs: NonNegativeInt = 0,
+        student_init: ModelRefSpec | None = None,
     ) -> None:
         super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd)
         bank_size = bank_size or ctx.num_train

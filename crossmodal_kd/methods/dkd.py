@@ -5,6 +5,7 @@ from __future__ import annotations
 from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.losses import non_target_kl, target_kl
 from crossmodal_kd.methods.kd import Distiller
+from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, NonNegativeInt, PositiveFloat
 from crossmodal_kd.registry import METHODS
 
 
@@ -18,14 +19,14 @@ class DKD(Distiller):
     def __init__(
         self,
         ctx: BuildContext,
-        student: str,
-        teacher: dict,
-        alpha: float = 1.0,
-        beta: float = 8.0,
-        tau: float = 4.0,
-        warmup: int = 20,
-        w_ce: float = 1.0,
-        student_init: dict | None = None,
+        student: NetworkName,
+        teacher: ModelRefSpec,
+        alpha: NonNegativeFloat = 1.0,
+        beta: NonNegativeFloat = 8.0,
+        tau: PositiveFloat = 4.0,
+        warmup: NonNegativeInt = 20,
+        w_ce: NonNegativeFloat = 1.0,
+        student_init: ModelRefSpec | None = None,
     ) -> None:
         super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd=0.0)
         self.alpha, self.beta, self.warmup = alpha, beta, warmup

@@ -8,6 +8,7 @@ from crossmodal_kd.config import ConfigError
 from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.losses import hint_mse
 from crossmodal_kd.methods.kd import Distiller
+from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat
 from crossmodal_kd.registry import METHODS
 
 
@@ -24,14 +25,14 @@ class FitNets(Distiller):
     def __init__(
         self,
         ctx: BuildContext,
-        student: str,
-        teacher: dict,
-        w_hint: float = 100.0,
+        student: NetworkName,
+        teacher: ModelRefSpec,
+        w_hint: NonNegativeFloat = 100.0,
         hint_only: bool = False,
-        tau: float = 4.0,
-        w_ce: float = 1.0,
-        w_kd: float = 0.0,
-        student_init: dict | None = None,
+        tau: PositiveFloat = 4.0,
+        w_ce: NonNegativeFloat = 1.0,
+        w_kd: NonNegativeFloat = 0.0,
+        student_init: ModelRefSpec | None = None,
     ) -> None:
         super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd)
         if hint_only and w_hint <= 0:

@@ -9,6 +9,7 @@ import torch
 from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.losses import cross_entropy, kd_kl
 from crossmodal_kd.methods.base import Method
+from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat
 from crossmodal_kd.registry import METHODS
 
 
@@ -65,12 +66,12 @@ class KD(Distiller):
     def __init__(
         self,
         ctx: BuildContext,
-        student: str,
-        teacher: dict,
-        tau: float = 4.0,
-        w_ce: float = 1.0,
-        w_kd: float = 1.0,
-        student_init: dict | None = None,
+        student: NetworkName,
+        teacher: ModelRefSpec,
+        tau: PositiveFloat = 4.0,
+        w_ce: NonNegativeFloat = 1.0,
+        w_kd: NonNegativeFloat = 1.0,
+        student_init: ModelRefSpec | None = None,
     ) -> None:
         super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd)
 

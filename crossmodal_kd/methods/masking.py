@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+import math
+
 from crossmodal_kd.engine.context import BuildContext, attach_spec
 from crossmodal_kd.losses import kd_kl
 from crossmodal_kd.masks import attached, layer_output_shape
 from crossmodal_kd.methods.base import Method
+from crossmodal_kd.params import MaskSpec, ModelRefSpec, PositiveFloat
 from crossmodal_kd.registry import MASKS, METHODS
 
 
@@ -13,21 +17,27 @@ from crossmodal_kd.registry import MASKS, METHODS
 class MaskTraining(Method):
     """Only the mask is trained: ``tau^2 KL(p_student || p_masked_teacher)``; teacher and student frozen.
 
-    Use ``select: {metric: loss}`` to keep the mask state with the lowest validation loss.
+    ``layer``: a submodule name, or ``name:input`` to mask its input. ``mask``: a ``MASKS`` entry
+    (``channel_gate``, light; ``official``, the public code's MaskNet). Use ``select: {metric: loss}`` to
+    keep the mask state with the lowest validation loss.
     The saved model ``mask`` is evaluated as the teacher with this mask (and only this one) active.
     """
 
-    def __init__(self, ctx: BuildContext, teacher: dict, student: dict, layer: str, mask: dict | None = None, tau: float = 4.0) -> None:
+    def __init__(
+        self, ctx: BuildContext, teacher: ModelRefSpec, student: ModelRefSpec, layer: str, mask: MaskSpec | None = None, tau: PositiveFloat = 4.0
+    ) -> None:
         super().__init__(ctx)
         mask = mask or {"name": "channel_gate"}
-        self.teacher = self.freeze("teacher", ctx.load(teacher, key="teacher"))
+        self.teacher = self.freeze("teacher", ctx.load(teacher, key="teacher"), serve=False)  # run with the mask below
         self.student = self.freeze("student", ctx.load(student, key="student"))
         self.layer, self.tau = layer, tau
-        channels = layer_output_shape(self.teacher.module, layer, ctx.sample_batch)[1]
+        shape = layer_output_shape(self.teacher.module, layer, ctx.sample_batch)
+        context = {"channels": shape[1]}
+        if "spatial" in inspect.signature(MASKS.get(mask["name"])).parameters:  # masks that summarise conv maps their own way
+            context["spatial"] = math.prod(shape[2:]) > 1
         params = mask.get("params", {})
         self.mask = attach_spec(
-            MASKS.build(mask["name"], params, where=f"{ctx.where}.mask.params", channels=channels),
-            "masks", mask["name"], params, {"channels": channels},
+            MASKS.build(mask["name"], params, where=f"{ctx.where}.mask.params", **context), "masks", mask["name"], params, context
         )
 
     def masked_logits(self, batch):

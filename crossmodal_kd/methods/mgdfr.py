@@ -12,6 +12,7 @@ from crossmodal_kd.config import ConfigError
 from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.masks import attached, layer_output_shape
 from crossmodal_kd.methods.kd import Distiller
+from crossmodal_kd.params import Fraction, ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat, PositiveInt
 from crossmodal_kd.registry import METHODS
 
 
@@ -20,27 +21,39 @@ def _channels_view(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return mask.view(1, -1, *([1] * (out.dim() - 2)))
 
 
+FAST_DEV_SALIENCE_PASSES = 8  # forward passes per repeat in a fast-dev-run
+
+
 @torch.no_grad()
 def permutation_salience(
-    network: nn.Module, layer: str, batch: Mapping[str, torch.Tensor], reference_logits: torch.Tensor, repeats: int = 1
+    network: nn.Module,
+    layer: str,
+    batch: Mapping[str, torch.Tensor],
+    reference_logits: torch.Tensor,
+    repeats: int = 1,
+    max_passes: int | None = None,
 ) -> torch.Tensor:
     """``(D,)``: for each channel ``d`` of ``network.<layer>``, the MSE between the network's logits and
-    ``reference_logits`` once channel ``d`` is shuffled across the batch (mean over ``repeats`` shuffles)."""
+    ``reference_logits`` once channel ``d`` is shuffled across the batch (mean over ``repeats`` shuffles).
+    ``max_passes`` bounds the forward passes per repeat: channels are then shuffled in at most that many
+    contiguous groups and each channel gets its group's score (a coarse ranking, for fast-dev-runs)."""
     dims = layer_output_shape(network, layer, batch)[1]
     n = len(reference_logits)
+    groups = torch.arange(dims).chunk(min(dims, max_passes or dims))
     salience = torch.zeros(dims)
     for _ in range(repeats):
-        for d in range(dims):
+        for group in groups:
             perm = torch.randperm(n)
 
-            def shuffle(out: torch.Tensor, d: int = d, perm: torch.Tensor = perm) -> torch.Tensor:
+            def shuffle(out: torch.Tensor, group: torch.Tensor = group, perm: torch.Tensor = perm) -> torch.Tensor:
                 out = out.clone()
-                out[:, d] = out[perm.to(out.device), d]
+                channels = group.to(out.device)
+                out[:, channels] = out[perm.to(out.device)][:, channels]
                 return out
 
             with attached(network, layer, shuffle):
                 logits = network(batch)["logits"]
-            salience[d] += F.mse_loss(logits.float(), reference_logits.float()).cpu() / repeats
+            salience[group] += F.mse_loss(logits.float(), reference_logits.float()).cpu() / repeats
     return salience
 
 
@@ -59,22 +72,23 @@ class MGDFR(Distiller):
     during distillation (replaced by their batch mean, as the public code does), so the KD target
     comes only from the most modality-general channels. The public code first co-trains teacher and
     student with an MSE between their logits to obtain the reference; here the reference is any
-    trained model. ``salience`` and ``keep`` are buffers, saved with checkpoints.
+    trained model. ``salience`` and ``keep`` are buffers, saved with checkpoints. A fast-dev-run scores
+    the channels in at most ``FAST_DEV_SALIENCE_PASSES`` groups, one shuffle each.
     """
 
     def __init__(
         self,
         ctx: BuildContext,
-        student: str,
-        teacher: dict,
-        reference: dict,
+        student: NetworkName,
+        teacher: ModelRefSpec,
+        reference: ModelRefSpec,
         layer: str,
-        remove_ratio: float = 0.75,
-        repeats: int = 3,
-        tau: float = 4.0,
-        w_ce: float = 1.0,
-        w_kd: float = 1.0,
-        student_init: dict | None = None,
+        remove_ratio: Fraction = 0.75,
+        repeats: PositiveInt = 3,
+        tau: PositiveFloat = 4.0,
+        w_ce: NonNegativeFloat = 1.0,
+        w_kd: NonNegativeFloat = 1.0,
+        student_init: ModelRefSpec | None = None,
     ) -> None:
         super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd)
         if not 0.0 <= remove_ratio < 1.0:
@@ -83,17 +97,27 @@ class MGDFR(Distiller):
         reference_net = ctx.load(reference, key="reference").eval()
         with torch.no_grad():
             reference_logits = reference_net(ctx.sample_batch)["logits"]
-        salience = permutation_salience(self.teacher.module, layer, ctx.sample_batch, reference_logits, repeats)
+        salience = permutation_salience(
+            self.teacher.module, layer, ctx.sample_batch, reference_logits,
+            repeats=ctx.bound(repeats, 1), max_passes=ctx.bound(None, FAST_DEV_SALIENCE_PASSES),
+        )
         keep = torch.ones_like(salience, dtype=torch.bool)
         keep[salience.argsort()[: int(remove_ratio * len(salience))]] = False
         self.register_buffer("salience", salience)
         self.register_buffer("keep", keep)
+        # replaces the plain teacher call: the removed channels take their *batch* mean (as the public code
+        # does), so a sample's target depends on its batch and cannot be stored per sample
+        self.teacher = self.teacher_call(
+            "teacher", self._hooked_logits, [self.teacher.module], {"layer": layer}, deterministic=False
+        )
+
+    def _hooked_logits(self, batch) -> torch.Tensor:
+        with attached(self.teacher.module, self.layer, self._freeze_removed):
+            return self.teacher.module(batch)["logits"]
 
     def _freeze_removed(self, out: torch.Tensor) -> torch.Tensor:
         return torch.where(_channels_view(self.keep, out), out, out.mean(0, keepdim=True))
 
     def forward(self, batch):
         out = self.student(batch)
-        with attached(self.teacher.module, self.layer, self._freeze_removed):
-            t_logits = self.teacher(batch)["logits"]
-        return out, self.logit_losses(out["logits"], t_logits, batch["label"])
+        return out, self.logit_losses(out["logits"], self.teacher(batch), batch["label"])

@@ -16,7 +16,8 @@ logged as the terms ``ce`` and ``kd`` (plus ``load_balance`` for a learned route
   read when the teacher is loaded (for a ``{path}`` teacher, from the ``result.json`` two folders above
   the model file), or given as ``val_accuracy`` in the teacher's entry, which takes precedence;
 - ``router``: a ``ROUTERS`` entry (``router: {name, params}``, e.g. MST-Distill's ``gate``), trained with
-  the student; a router with a gate distribution adds ``w_lb * KL(U || mean gate)``.
+  the student; a router with a gate distribution adds ``w_lb * KL(U || mean gate)``, one with its own
+  objective adds it as ``route``.
 
 Each epoch logs every teacher's mean weight (``weight/<teacher>``) and, for ``val_weighted``, the
 accuracies used (``val_accuracy/<teacher>``).
@@ -37,6 +38,7 @@ from crossmodal_kd.engine.distributed import global_mean
 from crossmodal_kd.losses import cross_entropy, kd_kl, load_balance_kl
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.methods.kd import build_student
+from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat, Probability, RouterSpec, TeacherEntry
 from crossmodal_kd.registry import METHODS, ROUTERS
 
 TEACHER_KEYS = {"model", "name", "val_accuracy"}
@@ -99,14 +101,14 @@ class MultiTeacherKD(Method):
     def __init__(
         self,
         ctx: BuildContext,
-        student: str,
-        teachers: list[dict[str, Any]],
+        student: NetworkName,
+        teachers: list[TeacherEntry],
         combine: str = "average",
-        router: dict[str, Any] | None = None,
-        alpha: float = 0.6,
-        tau: float = 3.0,
-        w_lb: float = 0.5,
-        student_init: dict | None = None,
+        router: RouterSpec | None = None,
+        alpha: Probability = 0.6,
+        tau: PositiveFloat = 3.0,
+        w_lb: NonNegativeFloat = 0.5,
+        student_init: ModelRefSpec | None = None,
     ) -> None:
         super().__init__(ctx)
         if combine not in COMBINERS:
@@ -149,6 +151,8 @@ class MultiTeacherKD(Method):
         }
         if routing.probs is not None:
             losses["load_balance"] = self.w_lb * load_balance_kl(global_mean(routing.probs))
+        if routing.loss is not None:  # a router with its own objective (gate, objective: true_class)
+            losses["route"] = routing.loss
         self.record("weight", routing.weights.detach().float().sum(0), routing.weights.shape[0])
         return out, losses
 

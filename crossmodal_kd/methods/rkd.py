@@ -5,6 +5,7 @@ from __future__ import annotations
 from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.losses import rkd_angle, rkd_distance
 from crossmodal_kd.methods.kd import Distiller
+from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat
 from crossmodal_kd.registry import METHODS
 
 
@@ -19,14 +20,14 @@ class RKD(Distiller):
     def __init__(
         self,
         ctx: BuildContext,
-        student: str,
-        teacher: dict,
-        w_distance: float = 25.0,
-        w_angle: float = 50.0,
-        tau: float = 4.0,
-        w_ce: float = 1.0,
-        w_kd: float = 0.0,
-        student_init: dict | None = None,
+        student: NetworkName,
+        teacher: ModelRefSpec,
+        w_distance: NonNegativeFloat = 25.0,
+        w_angle: NonNegativeFloat = 50.0,
+        tau: PositiveFloat = 4.0,
+        w_ce: NonNegativeFloat = 1.0,
+        w_kd: NonNegativeFloat = 0.0,
+        student_init: ModelRefSpec | None = None,
     ) -> None:
         super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd)
         self.w_distance, self.w_angle = w_distance, w_angle

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from crossmodal_kd.augment import AugmentSet
 from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.losses import cross_entropy
 from crossmodal_kd.methods.base import Method
+from crossmodal_kd.params import AugmentationSpec, NetworkName, Probability
 from crossmodal_kd.registry import METHODS
 
 
@@ -23,7 +22,11 @@ class Supervised(Method):
     """
 
     def __init__(
-        self, ctx: BuildContext, network: str, label_smoothing: float = 0.0, augment: dict[str, Any] | None = None
+        self,
+        ctx: BuildContext,
+        network: NetworkName,
+        label_smoothing: Probability = 0.0,
+        augment: dict[str, AugmentationSpec] | None = None,
     ) -> None:
         super().__init__(ctx)
         self.model = self.build_model(ctx, network)

@@ -46,6 +46,7 @@ from crossmodal_kd.engine.context import BuildContext
 from crossmodal_kd.losses import perturbed_feature_mse, text_anchored_contrastive
 from crossmodal_kd.methods.kd import Distiller
 from crossmodal_kd.methods.supervised import Supervised
+from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat
 from crossmodal_kd.registry import METHODS, ROUTERS
 
 CLASS_PROMPTS = ("a photo of a {}.",)
@@ -105,19 +106,19 @@ class TMKD(Distiller):
     def __init__(
         self,
         ctx: BuildContext,
-        student: str,
-        teacher: dict,
+        student: NetworkName,
+        teacher: ModelRefSpec,
         backend: dict[str, Any] | None = None,
         class_prompts: Sequence[str] = CLASS_PROMPTS,
         class_names: Sequence[str] | None = None,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        gamma: float = 1.0,
-        tau: float = 4.0,
-        sigma: float = 0.1,
-        crd_temperature: float = 0.07,
-        w_ce: float = 1.0,
-        student_init: dict | None = None,
+        alpha: NonNegativeFloat = 1.0,
+        beta: NonNegativeFloat = 1.0,
+        gamma: NonNegativeFloat = 1.0,
+        tau: PositiveFloat = 4.0,
+        sigma: NonNegativeFloat = 0.1,
+        crd_temperature: PositiveFloat = 0.07,
+        w_ce: NonNegativeFloat = 1.0,
+        student_init: ModelRefSpec | None = None,
     ) -> None:
         for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("sigma", sigma), ("w_ce", w_ce)):
             if value < 0:

@@ -39,15 +39,21 @@ from crossmodal_kd.clip.nouns import (
     noun_embeddings,
     noun_pool,
 )
+from crossmodal_kd.clip.wordnet import wordnet_problem
 from crossmodal_kd.config import ConfigError
 from crossmodal_kd.engine.context import BuildContext, attach_spec
 from crossmodal_kd.losses import hierarchical_terms
 from crossmodal_kd.methods.base import Method
+from crossmodal_kd.params import NonNegativeFloat, PositiveFloat, PositiveInt
 from crossmodal_kd.registry import METHODS, NETWORKS, check_kwargs
 
 log = logging.getLogger(__name__)
 
 FILTER_KEYS = {"k", "top_m", "mode", "iters", "seed"}
+# a fast-dev-run's caps: WordNet nouns sampled for the pool, k-means clusters and Lloyd steps
+FAST_DEV_NOUNS = 64
+FAST_DEV_CLUSTERS = 8
+FAST_DEV_KMEANS_ITERS = 5
 
 
 def class_name_pool(class_names: Sequence[str], exclude_class_names: bool = True) -> NounPool:
@@ -76,6 +82,14 @@ class WordNetClip(Method):
     ``class_names``: override the dataset's.
     """
 
+    @staticmethod
+    def preflight(params: dict[str, Any], where: str) -> None:
+        """Checked before any stage trains: a WordNet pool needs the WordNet database (the leakage pool does not)."""
+        if (params.get("pool") or {}).get("source") in POOL_SOURCES:
+            return
+        if problem := wordnet_problem():
+            raise ConfigError(f"{where}.pool: {problem}")
+
     def __init__(
         self,
         ctx: BuildContext,
@@ -86,12 +100,12 @@ class WordNetClip(Method):
         class_templates: Sequence[str] | None = None,
         teacher: dict[str, Any] | None = None,
         modality: str = "image",
-        temperature: float = 0.005,
-        w_class: float = 0.2,
-        w_pre: float = 0.005,
+        temperature: PositiveFloat = 0.005,
+        w_class: NonNegativeFloat = 0.2,
+        w_pre: NonNegativeFloat = 0.005,
         class_names: Sequence[str] | None = None,
         cache_dir: str | None = None,
-        batch_size: int = 512,
+        batch_size: PositiveInt = 512,
     ) -> None:
         super().__init__(ctx)
         started = time.perf_counter()
@@ -123,9 +137,12 @@ class WordNetClip(Method):
             images = torch.cat(
                 [clip.encode_image(b[modality]) for b in ctx.train_batches(batch_size)]
             )
-            k = int(filtering.get("k", 150))
+            k = ctx.bound(int(filtering.get("k", 150)), FAST_DEV_CLUSTERS)
             if not 1 <= k <= len(images):
                 raise ConfigError(f"{ctx.where}.filtering.k: {k} clusters for {len(images)} training images")
+            filtering = {**filtering, "k": k}
+            if ctx.fast_dev_run:
+                filtering["iters"] = ctx.bound(filtering.get("iters"), FAST_DEV_KMEANS_ITERS)
             selection = filter_nouns_by_images(images, pool_.nouns, pool_emb, **filtering)
             kept, kept_emb = selection.nouns, selection.embeddings
         self.noun_counts = {"nouns/pool": len(pool_.nouns), "nouns/excluded": len(pool_.excluded), "nouns/kept": len(kept)}
@@ -154,6 +171,8 @@ class WordNetClip(Method):
         if builder is not noun_pool:
             params.pop("source")
         check_kwargs(builder, params, where=f"{ctx.where}.pool", reserved={"class_names", "wn"})
+        if builder is noun_pool and ctx.fast_dev_run:  # a small random sample of the pool (noun encoding)
+            params["max_nouns"] = ctx.bound(params.get("max_nouns"), FAST_DEV_NOUNS)
         try:
             return builder(class_names=names, **params)
         except (ConfigError, ValueError) as exc:

@@ -30,6 +30,7 @@ from torch import nn
 from crossmodal_kd.io import sha256_file
 from crossmodal_kd.models.networks import Network, _build_encoder
 from crossmodal_kd.models.text import HFTextEncoder, resolve_model
+from crossmodal_kd.params import EncoderSpec, PositiveFloat, PositiveInt
 from crossmodal_kd.registry import NETWORKS
 
 _WEIGHT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5")
@@ -101,11 +102,11 @@ class TextAlignedImageNet(Network):
         self,
         input_shapes: Mapping[str, Sequence[int]],
         num_classes: int,
-        encoder: Mapping[str, Any],
-        embed_dim: int,
+        encoder: EncoderSpec,
+        embed_dim: PositiveInt,
         text: Mapping[str, Any],
         modality: str = "image",
-        temperature: float = 0.07,
+        temperature: PositiveFloat = 0.07,
     ) -> None:
         super().__init__()
         if temperature <= 0:

@@ -13,6 +13,7 @@ import torchaudio
 import torchvision
 from torch import nn
 
+from crossmodal_kd.params import Fraction, PositiveInt
 from crossmodal_kd.registry import ENCODERS
 
 
@@ -40,7 +41,7 @@ class LeNet5(nn.Module):
 
 
 @ENCODERS.register("lenet5")
-def lenet5(input_shape: Sequence[int], feature_dim: int = 84) -> nn.Module:
+def lenet5(input_shape: Sequence[int], feature_dim: PositiveInt = 84) -> nn.Module:
     _channels(input_shape, "lenet5")
     if min(input_shape[1:]) < 12:
         raise ValueError(f"encoder 'lenet5' needs inputs of at least 12x12, got {tuple(input_shape)}")
@@ -67,7 +68,7 @@ class SmallCNN(nn.Module):
 
 
 @ENCODERS.register("small_cnn")
-def small_cnn(input_shape: Sequence[int], channels: Sequence[int] = (16, 32, 64), dropout: float = 0.0) -> nn.Module:
+def small_cnn(input_shape: Sequence[int], channels: Sequence[PositiveInt] = (16, 32, 64), dropout: Fraction = 0.0) -> nn.Module:
     """A light CNN for images or (precomputed) spectrograms."""
     return SmallCNN(_channels(input_shape, "small_cnn"), list(channels), dropout)
 
@@ -109,11 +110,11 @@ class LogMelCNN(nn.Module):
 @ENCODERS.register("logmel_cnn")
 def logmel_cnn(
     input_shape: Sequence[int],
-    sample_rate: int = 16000,
-    n_mels: int = 64,
-    n_fft: int = 512,
-    hop_length: int = 160,
-    channels: Sequence[int] = (16, 32, 64),
+    sample_rate: PositiveInt = 16000,
+    n_mels: PositiveInt = 64,
+    n_fft: PositiveInt = 512,
+    hop_length: PositiveInt = 160,
+    channels: Sequence[PositiveInt] = (16, 32, 64),
 ) -> nn.Module:
     """For waveform inputs of shape (T,) or (1, T)."""
     if len(input_shape) not in (1, 2):
@@ -122,7 +123,7 @@ def logmel_cnn(
 
 
 @ENCODERS.register("mlp")
-def mlp(input_shape: Sequence[int], hidden: Sequence[int] = (256,), dropout: float = 0.1) -> nn.Module:
+def mlp(input_shape: Sequence[int], hidden: Sequence[PositiveInt] = (256,), dropout: Fraction = 0.1) -> nn.Module:
     """For precomputed feature vectors of shape (D,)."""
     if len(input_shape) != 1:
         raise ValueError(f"encoder 'mlp' expects feature vectors (D,), got shape {tuple(input_shape)}")

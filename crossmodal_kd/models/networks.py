@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from crossmodal_kd.params import EncoderSpec, Fraction, PositiveInt, Probability, RouterSpec
 from crossmodal_kd.registry import ENCODERS, NETWORKS
 
 
@@ -53,8 +54,8 @@ class UnimodalNet(Network):
         input_shapes: Mapping[str, Sequence[int]],
         num_classes: int,
         modality: str,
-        encoder: Mapping[str, Any],
-        dropout: float = 0.0,
+        encoder: EncoderSpec,
+        dropout: Fraction = 0.0,
     ) -> None:
         super().__init__()
         self.modalities = (modality,)
@@ -79,10 +80,10 @@ class FusionNet(Network):
         self,
         input_shapes: Mapping[str, Sequence[int]],
         num_classes: int,
-        encoders: Mapping[str, Mapping[str, Any]],
-        hidden: int = 128,
-        dropout: float = 0.2,
-        modality_dropout: float = 0.0,
+        encoders: Mapping[str, EncoderSpec],
+        hidden: PositiveInt = 128,
+        dropout: Fraction = 0.2,
+        modality_dropout: Probability = 0.0,
     ) -> None:
         super().__init__()
         if len(encoders) < 2:
@@ -125,9 +126,9 @@ class MultiViewNet(Network):
         input_shapes: Mapping[str, Sequence[int]],
         num_classes: int,
         views: Sequence[str],
-        encoder: Mapping[str, Any],
-        router: Mapping[str, Any] | None = None,
-        dropout: float = 0.0,
+        encoder: EncoderSpec,
+        router: RouterSpec | None = None,
+        dropout: Fraction = 0.0,
     ) -> None:
         from crossmodal_kd.routers import build_router
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from crossmodal_kd.models.frozen import FrozenHolder
 from crossmodal_kd.models.networks import Network
+from crossmodal_kd.params import Fraction, PositiveFloat, PositiveInt
 from crossmodal_kd.registry import NETWORKS
 
 
@@ -63,9 +64,9 @@ class RelaxedClipTeacher(FrozenHolder, Network):
         backend: Mapping[str, Any],
         nouns: Sequence[str],
         modality: str = "image",
-        hidden: int = 256,
-        dropout: float = 0.1,
-        temperature: float = 0.005,
+        hidden: PositiveInt = 256,
+        dropout: Fraction = 0.1,
+        temperature: PositiveFloat = 0.005,
         label_oracle: bool = False,
     ) -> None:
         from crossmodal_kd.clip.backends import build_clip_backend

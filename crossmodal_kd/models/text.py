@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from crossmodal_kd.models.frozen import FrozenHolder
+from crossmodal_kd.params import Fraction, PositiveInt
 from crossmodal_kd.registry import ENCODERS
 
 # shorthand -> (importable package, model folder inside it, distribution to pip install)
@@ -140,8 +141,8 @@ def hf_text(
     model: str = "minilm",
     pooling: str = "mean",
     freeze: bool = True,
-    proj: Sequence[int] = (),
-    dropout: float = 0.1,
+    proj: Sequence[PositiveInt] = (),
+    dropout: Fraction = 0.1,
     allow_download: bool = False,
 ) -> nn.Module:
     """For token ids of shape (L,): a pretrained transformer, frozen or fine-tuned, then ``proj`` (an MLP)."""

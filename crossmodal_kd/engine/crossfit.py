@@ -1,0 +1,140 @@
+"""Cross-fitted (out-of-fold) teacher targets: no training sample is distilled from a teacher that saw it.
+
+A teacher's soft labels on its own training samples are memorised (near one-hot, over-confident), unlike
+its outputs on samples it never saw. With ``targets: {cross_fit: K}`` on a distillation stage, the stage
+that trained each of its teachers is trained K more times, copy k on the training split minus fold k,
+and copy k's outputs for the samples of fold k fill the training table of the target store. Validation
+and test targets still come from the teacher trained on the whole split (the one the config names).
+
+Folds are stratified by class and, when the training split declares ``groups`` (e.g. avdigits' source
+image of each pair), grouped, so one source item never sits on both sides of a fold
+(``sklearn.model_selection.StratifiedGroupKFold``). A masked teacher (MST-Distill) keeps its masks,
+which were trained on the full teacher; only the network's weights are swapped per fold.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Subset
+
+from crossmodal_kd.config import ConfigError
+from crossmodal_kd.data import collate_batch
+from crossmodal_kd.engine.context import FAST_DEV_SAMPLES, load_model, model_path, stage_dir
+from crossmodal_kd.engine.fingerprint import direct_dependencies
+from crossmodal_kd.targets import TargetStore, TargetTable, TeacherCall
+
+log = logging.getLogger(__name__)
+
+
+def fold_assignment(labels: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> np.ndarray:
+    """Fold index (0..k-1) of every sample: stratified by class, grouped by ``groups`` when given."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    labels = np.asarray(labels)
+    splitter = (StratifiedGroupKFold(k, shuffle=True, random_state=seed) if groups is not None
+                else StratifiedKFold(k, shuffle=True, random_state=seed))
+    folds = np.full(len(labels), -1, dtype=np.int64)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+        folds[held_out] = fold
+    return folds
+
+
+def source_stage(call: TeacherCall) -> tuple[str, str]:
+    """The (stage, model) of this run that trained the call's network."""
+    ref = getattr(call.module, "source_ref", None)
+    if not ref or ref.get("stage") is None:
+        raise ConfigError(
+            f"targets.cross_fit: teacher '{call.name}' comes from a model file, not a stage of this run; "
+            "cross-fitting retrains the teacher's stage, so reference it as {stage: NAME}"
+        )
+    return ref["stage"], ref.get("model", "model")
+
+
+def fill_out_of_fold(trainer: Any, k: int) -> dict[str, Any]:
+    """Train the K fold copies of every teacher stage of ``trainer``'s served calls (reused when already
+    trained) and replace each call's training table by the out-of-fold outputs. Returns what was done."""
+    runner, acc = trainer.runner, trainer.acc
+    calls = [c for c in trainer.calls.values() if "train" in c.tables]
+    if not calls:
+        return {}
+    train = runner.data.train
+    labels = np.asarray(train.labels)
+    groups = getattr(train, "groups", None)
+    folds = fold_assignment(labels, None if groups is None else np.asarray(groups), k, runner.cfg.seed)
+    info: dict[str, Any] = {"k": k, "grouped": groups is not None, "stages": {}}
+    started = time.perf_counter()
+    store = TargetStore(Path(runner.run_dir) / "targets", acc.device)
+    for call in calls:
+        stage_name, model = source_stage(call)
+        stage = runner.cfg.stage(stage_name)
+        identity = {"cross_fit": k, "folds": folds.tolist(), "teacher_stage": stage.model_dump(mode="json")}
+        table = store.table(call, "train", train, {"base": call.tables["train"].key, **identity})
+        if not table.complete:
+            fold_files = [train_fold(trainer, stage, f, np.flatnonzero(folds != f), model) for f in range(k)]
+            if acc.is_main_process:
+                for f, path in enumerate(fold_files):
+                    rows = np.flatnonzero(folds == f)  # a fast-dev-run fills a few rows; the rest fill lazily
+                    _fill_fold(call, table, load_model(path), rows[:FAST_DEV_SAMPLES] if trainer.fast else rows, trainer)
+                if not trainer.fast:
+                    table.save()
+            acc.wait_for_everyone()
+            if not trainer.fast and not table.complete and not table.load():
+                raise RuntimeError(f"cross-fitted target table {table.path} built by the main process is unreadable")
+        call.tables["train"] = table
+        info["stages"][call.name] = stage_name
+    info["build_s"] = round(time.perf_counter() - started, 3)  # fold training + out-of-fold passes
+    return info
+
+
+def train_fold(trainer: Any, stage: Any, fold: int, train_idx: np.ndarray, model: str) -> Path:
+    """Stage ``stage`` trained on ``train_idx`` under ``<run>/crossfit/<stage>/fold<k>``; the model file.
+    Reused when that fold has finished before (``result.json``). The caller's random state is kept."""
+    from crossmodal_kd.engine.trainer import StageTrainer, stage_seed
+
+    runner = trainer.runner
+    depends = direct_dependencies(runner.cfg)[stage.name]
+    if depends:
+        raise ConfigError(f"targets.cross_fit: teacher stage '{stage.name}' depends on stage(s) {', '.join(depends)}; "
+                          "only stages trained from scratch can be cross-fitted")
+    fold_dir = Path(runner.run_dir) / "crossfit" / stage.name / f"fold{fold}"
+    path = model_path(fold_dir, stage.name, model)
+    if (stage_dir(fold_dir, stage.name) / "result.json").is_file() and path.is_file():
+        return path
+    fold_runner = copy.copy(runner)
+    fold_runner.run_dir = fold_dir
+    fold_runner.data = dataclasses.replace(runner.data, train=Subset(runner.data.train, train_idx.tolist()))
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    set_seed(stage_seed(runner.cfg.seed, f"{stage.name}/fold{fold}"))
+    index = [s.name for s in runner.cfg.stages].index(stage.name)
+    log.info("cross-fitting: training %s on folds other than %d", stage.name, fold)
+    StageTrainer(fold_runner, index, stage, stage_dir(fold_dir, stage.name)).train()
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+    return path
+
+
+def _fill_fold(call: TeacherCall, table: TargetTable, fold_model: torch.nn.Module, rows: np.ndarray, trainer: Any) -> None:
+    """Rows ``rows`` of ``table`` from ``call`` with its network's weights replaced by ``fold_model``'s."""
+    runner, acc = trainer.runner, trainer.acc
+    network = call.module
+    original = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    network.load_state_dict(fold_model.state_dict())
+    try:
+        loader = DataLoader(Subset(runner.data.train, rows.tolist()), batch_size=runner.cfg.data.eval_batch_size,
+                            shuffle=False, collate_fn=collate_batch)
+        with acc.autocast():
+            TargetStore.fill([(call, table)], (runner.views({k: v.to(acc.device) for k, v in b.items()}) for b in loader))
+    finally:
+        network.load_state_dict(original)
+

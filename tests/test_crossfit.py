@@ -1,0 +1,90 @@
+"""Cross-fitted targets: folds stratified and grouped; each training sample's target comes from the fold
+copy of its teacher that never saw it; validation targets from the full teacher."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_json, run_config, tiny_config
+from crossmodal_kd.config import validate_config
+from crossmodal_kd.data import build_dataset
+from crossmodal_kd.engine.context import load_model
+from crossmodal_kd.engine.crossfit import fold_assignment
+
+
+def test_folds_are_stratified_grouped_and_cover_every_sample():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 30)
+    groups = rng.integers(0, 40, size=len(labels)) * 10 + labels  # a source item has one class, several pairs
+    folds = fold_assignment(labels, groups, 3, seed=0)
+    assert set(folds.tolist()) == {0, 1, 2}
+    for g in np.unique(groups):  # a source item never sits on both sides of a fold
+        assert len(set(folds[groups == g].tolist())) == 1
+    for c in range(4):  # every class in every fold
+        assert all(np.sum((folds == f) & (labels == c)) > 0 for f in range(3))
+    assert np.array_equal(folds, fold_assignment(labels, groups, 3, seed=0))  # deterministic for a seed
+    plain = fold_assignment(labels, None, 3, seed=1)
+    assert sorted(np.bincount(plain).tolist()) == [40, 40, 40]
+
+
+def test_kd_with_cross_fitted_targets(tmp_path):
+    raw = tiny_config()
+    raw["stages"][2]["targets"] = {"cross_fit": 2}
+    run = tmp_path / "run"
+    run_config(raw, run)
+    result = read_json(run / "stages" / "kd" / "result.json")
+    assert result["targets"] == {"teacher": "served"} and result["teacher_live_batches"] == {"teacher": 0}
+    assert {k: v for k, v in result["cross_fit"].items() if k != "build_s"} == {"k": 2, "grouped": False, "stages": {"teacher": "teacher"}}
+    assert result["target_build_s"] >= result["cross_fit"]["build_s"] > 0  # fold training counted in the build
+    folds_models = [load_model(run / "crossfit" / "teacher" / f"fold{f}" / "stages" / "teacher" / "models" / "model.pt")
+                    for f in range(2)]
+    full = load_model(run / "stages" / "teacher" / "models" / "model.pt")
+    data = build_dataset("synthetic", "unused", raw["data"]["params"]).load()
+    folds = fold_assignment(data.train.labels.numpy(), None, 2, seed=0)
+    tables = {p.name: load_file(str(p)) for p in (run / "targets").glob("*.safetensors")}
+    assert len(tables) == 2  # the full teacher's training table, and the out-of-fold one the stage used
+    batch = data.train.__getitems__(list(range(len(data.train))))
+    with torch.no_grad():
+        oof = torch.empty(len(data.train), data.num_classes)
+        for f, model in enumerate(folds_models):
+            rows = np.flatnonzero(folds == f)
+            oof[rows] = model.eval()(batch)["logits"][rows]
+        plain = full.eval()(batch)["logits"]
+    matches = {name: t["logits"] for name, t in tables.items()}
+    assert any(torch.allclose(t, oof, atol=1e-5) for t in matches.values())
+    assert any(torch.allclose(t, plain, atol=1e-5) for t in matches.values())
+    assert not torch.allclose(oof, plain, atol=1e-3)  # out-of-fold targets are not the full teacher's
+
+
+def test_cross_fit_needs_a_teacher_stage_of_this_run(tmp_path):
+    raw = tiny_config()
+    run_config({**raw, "stages": raw["stages"][:1]}, tmp_path / "first")
+    raw["stages"] = [dict(raw["stages"][2], targets={"cross_fit": 2})]
+    raw["stages"][0]["method"]["params"]["teacher"] = {"path": str(tmp_path / "first/stages/teacher/models/model.pt")}
+    with pytest.raises(Exception, match="comes from a model file, not a stage of this run"):
+        run_config(raw, tmp_path / "second")
+    assert validate_config(raw).stages[0].targets.cross_fit == 2
+
+
+def test_cross_fit_refuses_a_teacher_stage_that_depends_on_others(tmp_path):
+    raw = tiny_config()
+    second = {**raw["stages"][2], "name": "kd2", "targets": {"cross_fit": 2}}
+    second["method"] = {"name": "kd", "params": {"student": "image_student", "teacher": {"stage": "kd", "model": "student"}}}
+    raw["stages"].append(second)
+    with pytest.raises(Exception, match="teacher stage 'kd' depends on stage\\(s\\) teacher"):
+        run_config(raw, tmp_path / "run", fast_dev_run=True)
+
+
+def test_cross_fit_in_a_fast_dev_run_is_bounded(tmp_path):
+    raw = tiny_config(n_train=200)
+    raw["stages"][2]["targets"] = {"cross_fit": 3}
+    run_config(raw, tmp_path / "run", fast_dev_run=True)
+    result = read_json(tmp_path / "run" / "stages" / "kd" / "result.json")
+    assert result["cross_fit"]["k"] == 3
+    assert not list((tmp_path / "run" / "targets").glob("*.safetensors"))  # nothing complete, nothing saved
+    for f in range(3):
+        fold = read_json(tmp_path / "run" / "crossfit" / "teacher" / f"fold{f}" / "stages" / "teacher" / "result.json")
+        assert fold["epochs"] == 1
