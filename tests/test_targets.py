@@ -178,3 +178,15 @@ def test_resume_reuses_a_complete_store(tmp_path):
     result = read_json(tmp_path / "again" / "stages" / "kd" / "result.json")
     assert result["target_build_s"] == 0.0 and result["targets"] == {"teacher": "served"}
     assert (tmp_path / "again" / "targets" / table.name).stat().st_mtime_ns == mtime
+
+
+def test_two_processes_serve_the_same_targets_built_once(tmp_path):
+    """Under DDP the main process builds the table and the other rank reads the same file: one build,
+    identical targets on every rank."""
+    from conftest import REPO, accelerate_launch
+
+    accelerate_launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                       "--dynamo_backend", "no"], [str(REPO / "tests" / "scripts" / "target_store_ranks.py"), str(tmp_path)])
+    ranks = [read_json(tmp_path / f"rank{r}.json") for r in (0, 1)]
+    assert [r["forwards"] for r in ranks] == [3, 0]  # 40 rows in eval batches of 16, on the main process only
+    assert ranks[0]["sha256"] == ranks[1]["sha256"] and all(r["complete"] and r["served"] == "served" for r in ranks)
