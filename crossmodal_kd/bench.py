@@ -16,6 +16,11 @@ A benchmark file::
 Rows with the same label (and variant) are pooled across experiments: two configs whose stages are
 identical (stage seeds depend only on the run seed and the stage name) can share a row.
 
+Tables give n, mean ± std and the 95 % t confidence interval of the test accuracy; with ``reference:
+<row label>`` (e.g. the no-KD student), also each row's paired difference to the reference over the seeds
+both have (mean, 95 % CI, paired t-test p-value), marked ``*`` when the interval excludes 0 and ``n.s.``
+(no measurable difference) otherwise.
+
 Every run lives in ``<output_dir>/<experiment>/<variant>/seed<k>``; an interrupted benchmark resumes
 (finished stages and runs are skipped).
 """
@@ -34,6 +39,7 @@ from pydantic import Field, ValidationError, model_validator
 from crossmodal_kd.config import ConfigError, Strict, load_config
 from crossmodal_kd.engine.trainer import Runner
 from crossmodal_kd.io import atomic_write_text
+from crossmodal_kd.stats import estimate, paired
 
 
 class Row(Strict):
@@ -53,6 +59,7 @@ class Experiment(Strict):
 
 class BenchConfig(Strict):
     output_dir: str = "runs/bench"
+    reference: str | None = Field(None, description="row label every row is compared with, paired by seed")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     variants: dict[str, list[str]] = Field(default_factory=lambda: {"default": []})
     experiments: list[Experiment] = Field(min_length=1)
@@ -62,6 +69,9 @@ class BenchConfig(Strict):
         names = [e.name or Path(e.config).stem for e in self.experiments]
         if len(set(names)) != len(names):
             raise ValueError(f"experiments share a run folder name {names}; give them distinct 'name's")
+        labels = [row.label for e in self.experiments for row in e.rows]
+        if self.reference is not None and self.reference not in labels:
+            raise ValueError(f"reference '{self.reference}' is not a row label; labels: {', '.join(dict.fromkeys(labels))}")
         return self
 
 
@@ -129,8 +139,9 @@ def _finished_metrics(run_dir: Path, stages: list[str]) -> dict[str, Any] | None
     return metrics if all(s in metrics["stages"] for s in stages) else None
 
 
-def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and (sample) std over seeds per (method, variant), in first-seen order."""
+def summarize(records: list[dict[str, Any]], reference: str | None = None) -> list[dict[str, Any]]:
+    """Per (method, variant), in first-seen order: mean and (sample) std over seeds, the 95 % CI of the test
+    accuracy, and with ``reference`` the paired test-accuracy difference to that row (same variant, same seeds)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["method"], r["variant"]), []).append(r)
@@ -141,33 +152,52 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [r[key] for r in rs if r[key] is not None]
             row[f"{key}_mean"] = statistics.fmean(values) if values else float("nan")
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        acc = estimate([r["test_accuracy"] for r in rs])
+        row["test_accuracy_ci_low"], row["test_accuracy_ci_high"] = acc.low, acc.high
+        ref = {r["seed"]: r["test_accuracy"] for r in groups.get((reference, variant), [])}
+        pairs = [(r["test_accuracy"], ref[r["seed"]]) for r in rs if r["seed"] in ref]
+        if reference is not None and method != reference and pairs:
+            cmp = paired([a for a, _ in pairs], [b for _, b in pairs])
+            row.update({"vs_reference_n": cmp.diff.n, "vs_reference_diff": cmp.diff.mean, "vs_reference_ci_low": cmp.diff.low,
+                        "vs_reference_ci_high": cmp.diff.high, "vs_reference_p": cmp.p_value, "vs_reference_separated": cmp.separated})
         rows.append(row)
     return rows
 
 
-def markdown_table(summary: list[dict[str, Any]]) -> str:
+def markdown_table(summary: list[dict[str, Any]], reference: str | None = None) -> str:
+    vs = f"Δ test acc vs {reference} (pp, paired: mean [95 % CI], p)" if reference else "Δ vs reference"
     lines = [
-        "| student | method | seeds | test acc (%) | test macro-F1 (%) | val acc (%) | train time (s, incl. teachers) | samples/s | peak mem (MB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| student | method | seeds | test acc (%) | 95 % CI | {vs} | test macro-F1 (%) | val acc (%) "
+        "| train time (s, incl. teachers) | samples/s | peak mem (MB) |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in summary:
         pct = lambda key: f"{100 * r[key + '_mean']:.2f}" + (f" ± {100 * r[key + '_std']:.2f}" if r["seeds"] > 1 else "")
+        ci = f"[{100 * r['test_accuracy_ci_low']:.2f}, {100 * r['test_accuracy_ci_high']:.2f}]" if r["seeds"] > 1 else "-"
         lines.append(
-            f"| {r['variant']} | {r['method']} | {r['seeds']} "
-            f"| {pct('test_accuracy')} | {pct('test_macro_f1')} | {pct('val_accuracy')} "
+            f"| {r['variant']} | {r['method']} | {r['seeds']} | {pct('test_accuracy')} | {ci} | {_versus(r)} "
+            f"| {pct('test_macro_f1')} | {pct('val_accuracy')} "
             f"| {r['train_time_s_mean']:.1f} | {r['samples_per_s_mean']:.0f} | {r['peak_memory_mb_mean']:.0f} |"
         )
     return "\n".join(lines)
 
 
+def _versus(r: dict[str, Any]) -> str:
+    if r.get("vs_reference_n", 0) < 2:
+        return "-"
+    verdict = "*" if r["vs_reference_separated"] else "n.s."
+    return (f"{100 * r['vs_reference_diff']:+.2f} [{100 * r['vs_reference_ci_low']:+.2f}, "
+            f"{100 * r['vs_reference_ci_high']:+.2f}], p={r['vs_reference_p']:.3f} {verdict} (n={r['vs_reference_n']})")
+
+
 def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
     out = Path(bench.output_dir)
-    summary = summarize(records)
-    table = markdown_table(summary)
+    summary = summarize(records, bench.reference)
+    table = markdown_table(summary, bench.reference)
     atomic_write_text(out / "results.md", table + "\n")
     atomic_write_text(out / "records.json", json.dumps(records, indent=1) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in summary for k in row)))
         writer.writeheader()
         writer.writerows(summary)
     _bar_chart(summary, out / "results.png")

@@ -1,0 +1,64 @@
+"""Statistics for benchmark tables: mean with a t confidence interval, and paired comparisons."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Sequence
+
+from scipy import stats as sps
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """``n`` values: mean, sample std, and the half-width of the two-sided t interval (0 when n < 2)."""
+
+    n: int
+    mean: float
+    std: float
+    half_width: float
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half_width
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half_width
+
+
+def estimate(values: Sequence[float], level: float = 0.95) -> Estimate:
+    n = len(values)
+    if n == 0:
+        return Estimate(0, math.nan, math.nan, math.nan)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return Estimate(1, mean, 0.0, 0.0)
+    std = statistics.stdev(values)
+    return Estimate(n, mean, std, sps.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """``a - b`` over matched pairs: its estimate and the two-sided paired t-test p-value."""
+
+    diff: Estimate
+    p_value: float
+
+    @property
+    def separated(self) -> bool:
+        """True when the confidence interval of the mean difference excludes 0 (outside the noise)."""
+        return self.diff.n > 1 and (self.diff.low > 0 or self.diff.high < 0)
+
+
+def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Paired:
+    if len(a) != len(b):
+        raise ValueError(f"paired comparison needs matched pairs, got {len(a)} and {len(b)} values")
+    diffs = [x - y for x, y in zip(a, b)]
+    est = estimate(diffs, level)
+    if est.n < 2:
+        return Paired(est, math.nan)
+    if est.std == 0:
+        return Paired(est, 1.0 if est.mean == 0 else 0.0)
+    return Paired(est, float(sps.ttest_rel(a, b).pvalue))

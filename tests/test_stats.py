@@ -1,0 +1,46 @@
+"""Benchmark statistics: t intervals and paired comparisons against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from crossmodal_kd.bench import markdown_table, summarize
+from crossmodal_kd.stats import estimate, paired
+
+
+def test_t_interval_matches_hand_values():
+    est = estimate([1.0, 2.0, 3.0])
+    assert (est.n, est.mean, est.std) == (3, 2.0, 1.0)
+    assert est.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)  # t(0.975, 2) = 4.302653
+    single = estimate([0.5])
+    assert (single.mean, single.std, single.half_width) == (0.5, 0.0, 0.0)
+
+
+def test_paired_difference_and_p_value():
+    cmp = paired([1.0, 2.0, 3.0, 4.0], [0.0, 2.0, 1.0, 3.0])  # differences 1, 0, 2, 1
+    assert cmp.diff.mean == 1.0 and cmp.diff.std == pytest.approx(math.sqrt(2 / 3))
+    # t = 1 / (0.8165 / 2) = 2.449 on 3 df: two-sided p = 0.0917; CI 1 +- 3.182446 * 0.8165 / 2
+    assert cmp.p_value == pytest.approx(0.0917, abs=5e-4)
+    assert cmp.diff.low == pytest.approx(1 - 3.182446 * math.sqrt(2 / 3) / 2, rel=1e-5)
+    assert not cmp.separated
+    assert paired([2.0, 3.0, 4.0, 5.0], [1.0, 1.9, 3.1, 3.9]).separated
+    with pytest.raises(ValueError, match="matched pairs"):
+        paired([1.0], [1.0, 2.0])
+
+
+def test_summary_compares_each_row_with_the_reference_by_seed():
+    acc = {"no KD": [0.60, 0.62, 0.61], "KD": [0.63, 0.66, 0.64], "other": [0.60, 0.63, 0.60]}
+    records = [
+        {"method": m, "variant": "image", "seed": s, "test_accuracy": a, "test_macro_f1": a, "val_accuracy": a,
+         "train_time_s": 1.0, "samples_per_s": 10.0, "peak_memory_mb": 1.0}
+        for m, values in acc.items() for s, a in enumerate(values)
+    ]
+    rows = {r["method"]: r for r in summarize(records, reference="no KD")}
+    assert "vs_reference_diff" not in rows["no KD"]
+    assert rows["KD"]["vs_reference_diff"] == pytest.approx(0.0333333, abs=1e-6)
+    assert rows["KD"]["vs_reference_separated"] and not rows["other"]["vs_reference_separated"]
+    table = markdown_table(list(rows.values()), reference="no KD")
+    assert "| image | KD | 3 | 64.33 ± 1.53 |" in table and "+3.33 [" in table and "* (n=3)" in table
+    assert "n.s. (n=3)" in table
