@@ -31,6 +31,7 @@ from crossmodal_kd.config import ConfigError
 from crossmodal_kd.data import collate_batch
 from crossmodal_kd.engine.context import FAST_DEV_SAMPLES, load_model, model_path, stage_dir
 from crossmodal_kd.engine.fingerprint import direct_dependencies
+from crossmodal_kd.engine.targets import main_decides
 from crossmodal_kd.targets import TargetStore, TargetTable, TeacherCall
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def fill_out_of_fold(trainer: Any, k: int) -> dict[str, Any]:
         stage = runner.cfg.stage(stage_name)
         identity = {"cross_fit": k, "folds": folds.tolist(), "teacher_stage": stage.model_dump(mode="json")}
         table = store.table(call, "train", train, {"base": call.tables["train"].key, **identity})
-        if not table.complete:
+        if main_decides(acc, not table.complete):  # every rank trains the folds, or none does
             fold_files = [train_fold(trainer, stage, f, np.flatnonzero(folds != f), model) for f in range(k)]
             if acc.is_main_process:
                 for f, path in enumerate(fold_files):

@@ -65,27 +65,41 @@ def attach_targets(
         for split in SPLITS:
             call.tables[split] = store.table(call, split, data.split(split), identity)
         served.append(call)
-    pending = [call for call in served if not call.tables["train"].complete]
-    if not (build and pending):
+    if not (build and served):
+        return info
+    # the main process decides what to build: another rank may already read a table the main has just saved,
+    # and every rank must take the same path through the barrier below
+    pending = main_decides(acc, [call.name for call in served if not call.tables["train"].complete])
+    if not pending:
         return info
     started = time.perf_counter()
+    building = [call for call in served if call.name in pending]
     if acc.is_main_process:
         loader = DataLoader(data.train, batch_size=cfg.data.eval_batch_size, shuffle=False, collate_fn=collate_batch)
-        bar = tqdm(loader, desc=f"{stage}: teacher targets ({', '.join(c.name for c in pending)})",
+        bar = tqdm(loader, desc=f"{stage}: teacher targets ({', '.join(pending)})",
                    disable=None if progress else True, leave=False)
         with acc.autocast():
             TargetStore.fill(
-                [(c, c.tables["train"]) for c in pending],
+                [(c, c.tables["train"]) for c in building],
                 (views({k: v.to(acc.device) for k, v in batch.items()}) for batch in bar),
             )
-        for call in pending:
+        for call in building:
             call.tables["train"].save()
     acc.wait_for_everyone()
-    for call in pending:
+    for call in building:
         if not call.tables["train"].complete and not call.tables["train"].load():
             raise RuntimeError(f"stage {stage}: the target table {call.tables['train'].path} built by the main process is unreadable")
     info["build_s"] = round(time.perf_counter() - started, 3)
     return info
+
+
+def main_decides(acc: Accelerator, value: Any) -> Any:
+    """The main process's ``value``, on every process (a picklable object)."""
+    if acc.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def _live_reason(call: TeacherCall, data: DataSplits, enabled: bool) -> str | None:
