@@ -10,6 +10,8 @@ A benchmark file::
     experiments:
       - config: configs/avdigits/compare.yaml
         seeds: [0]                  # optional: this experiment's own seeds
+        variant_overrides:          # optional: extra --set overrides of one variant, for this experiment only
+          audio: [stages.mask_cm_1.method.params.layer=encoder.fc1.1]
         rows:                       # which (stage, model) of the run is reported, under which label
           - {label: KD from T_mm, stage: kd_mm, model: student}
 
@@ -54,6 +56,9 @@ class Experiment(Strict):
     name: str | None = Field(None, description="run folder name; default: the config's file name")
     rows: list[Row] = Field(min_length=1)
     overrides: list[str] = Field(default_factory=list)
+    variant_overrides: dict[str, list[str]] = Field(
+        default_factory=dict, description="variant -> --set overrides for this experiment only, applied after the variant's"
+    )
     seeds: list[int] | None = Field(None, description="this experiment's seeds (default: the benchmark's)")
 
 
@@ -69,6 +74,10 @@ class BenchConfig(Strict):
         names = [e.name or Path(e.config).stem for e in self.experiments]
         if len(set(names)) != len(names):
             raise ValueError(f"experiments share a run folder name {names}; give them distinct 'name's")
+        for e in self.experiments:
+            unknown = sorted(set(e.variant_overrides) - set(self.variants))
+            if unknown:
+                raise ValueError(f"experiment '{e.config}': variant_overrides names unknown variants {unknown}; variants: {sorted(self.variants)}")
         labels = [row.label for e in self.experiments for row in e.rows]
         if self.reference is not None and self.reference not in labels:
             raise ValueError(f"reference '{self.reference}' is not a row label; labels: {', '.join(dict.fromkeys(labels))}")
@@ -110,7 +119,7 @@ def run_bench(
             if metrics is None:
                 continue
         else:
-            overrides = [*exp.overrides, *bench.variants[variant], f"seed={seed}"]
+            overrides = [*exp.overrides, *bench.variants[variant], *exp.variant_overrides.get(variant, []), f"seed={seed}"]
             cfg = load_config(exp.config, overrides)
             metrics = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress).run()
         for row in exp.rows:

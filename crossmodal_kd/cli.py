@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run configs x seeds x student variants and tabulate mean/std")
     b.add_argument("bench_file")
     b.add_argument("--seeds", type=int, nargs="+", help="override the file's seeds")
+    b.add_argument("--variants", nargs="+", help="run (and tabulate) only these student variants")
     b.add_argument("--output-dir")
     b.add_argument("--fast-dev-run", action="store_true")
     b.add_argument("--report-only", action="store_true", help="train nothing; tabulate the finished runs")
@@ -149,6 +150,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.seeds = args.seeds
         for exp in bench.experiments:
             exp.seeds = None
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(bench.variants))
+        if unknown:
+            print(f"error: {args.bench_file}: no variant {', '.join(unknown)}; variants: {', '.join(bench.variants)}", file=sys.stderr)
+            return 2
+        bench.variants = {v: o for v, o in bench.variants.items() if v in args.variants}
     if args.output_dir:
         bench.output_dir = args.output_dir
     records = run_bench(bench, fast_dev_run=args.fast_dev_run, progress=not args.no_progress, report_only=args.report_only)
