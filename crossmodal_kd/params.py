@@ -169,10 +169,16 @@ def _reference(message: str) -> PydanticCustomError:
 # ----------------------------------------------------------------------------- nested components
 
 
-def _check_component(kind: str, value: Mapping[str, Any]) -> Mapping[str, Any]:
-    from crossmodal_kd.registry import ALL_REGISTRIES
+_REGISTRIES: dict[str, Any] = {}  # kind -> Registry, filled by crossmodal_kd.registry (which imports this module)
 
-    registry = ALL_REGISTRIES[kind]
+
+def use_registries(registries: Mapping[str, Any]) -> None:
+    """Where :func:`component` types look their registry up (``crossmodal_kd.registry`` calls it once)."""
+    _REGISTRIES.update(registries)
+
+
+def _check_component(kind: str, value: Mapping[str, Any]) -> Mapping[str, Any]:
+    registry = _REGISTRIES[kind]
     problems: list[Problem] = []
     valid = ", ".join(registry.list())
     extra = sorted(map(str, set(value) - {"name", "params"}))

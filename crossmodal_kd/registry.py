@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 from crossmodal_kd.config import ConfigError
-from crossmodal_kd.params import Problem, check_values, params_model, supplied
+from crossmodal_kd.params import Problem, check_values, params_model, supplied, use_registries
 
 T = TypeVar("T")
 
@@ -30,9 +32,11 @@ class Registry(Generic[T]):
     ... def tiny(input_shape): ...
     """
 
-    def __init__(self, kind: str, context: Iterable[str] = ()) -> None:
+    def __init__(self, kind: str, context: Iterable[str] = (), providers: Iterable[str] = ()) -> None:
         self.kind = kind
         self.context = frozenset(context)  # parameters the calling code supplies, never config keys
+        self.providers = tuple(providers)  # modules whose import registers the built-in entries
+        self._loaded = not self.providers
         self._items: dict[str, T] = {}
         self._types: dict[str, Mapping[str, Any]] = {}
         self._models: dict[str, Any] = {}
@@ -55,7 +59,18 @@ class Registry(Generic[T]):
 
         return add
 
+    def load(self) -> None:
+        """Import the modules that register the built-in entries (once). Registries name their providers
+        instead of importing them, so low layers (``models.io.load_model``) can build any saved component
+        without importing the layers above them."""
+        if not self._loaded:
+            self._loaded = True
+            for module in self.providers:
+                importlib.import_module(module)
+
     def get(self, name: str) -> T:
+        if name not in self._items:
+            self.load()
         try:
             return self._items[name]
         except KeyError:
@@ -65,12 +80,27 @@ class Registry(Generic[T]):
 
     def build(self, name: str, options: Mapping[str, Any] | None = None, *, where: str = "", **context: Any) -> Any:
         """Call the registered factory with config ``options`` (keys checked, values validated against its
-        annotations and converted) plus code-supplied ``context``."""
+        annotations and converted) plus the code-supplied ``context`` it names (all of it when it takes
+        ``**kwargs``). A context parameter marked ``Supplied`` may be given by the config instead."""
         factory = self.get(name)
         options = dict(options or {})
         where = where or f"{self.kind}.{name}"
-        check_kwargs(factory, options, where=where, reserved=set(context))
-        return factory(**context, **self._checked(name, options, where))
+        accepted = _accepted(factory)
+        given = {
+            k: v for k, v in context.items()
+            if (accepted is None or k in accepted) and not (k in options and k in supplied(factory))
+        }
+        check_kwargs(factory, options, where=where, reserved=set(given))
+        return factory(**given, **self._checked(name, options, where))
+
+    def build_spec(self, spec: Any, *, where: str, **context: Any) -> Any:
+        """:meth:`build` from a ``{name, params}`` spec (its shape checked here, once for every caller)."""
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) or set(spec) - {"name", "params"}:
+            raise ConfigError(f"{where}: expected {{name: <{self.kind}>, params: {{...}}}} with name one of {', '.join(self.list())}; got {spec!r}")
+        params = spec.get("params") or {}
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"{where}.params: should be a mapping (got {params!r})")
+        return self.build(spec["name"], params, where=where, **context)
 
     def validate(self, name: str, options: Mapping[str, Any] | None = None, *, where: str = "") -> dict[str, Any]:
         """The checks of :meth:`build` without building (the registry's context parameters and those marked
@@ -79,7 +109,7 @@ class Registry(Generic[T]):
         factory = self.get(name)
         options = dict(options or {})
         where = where or f"{self.kind}.{name}"
-        check_kwargs(factory, options, where=where, reserved=set(self.context), optional=supplied(factory))
+        check_kwargs(factory, options, where=where, reserved=set(self.context - supplied(factory)), optional=supplied(factory))
         values = self._checked(name, options, where)
         hook = getattr(factory, "preflight", None)
         if callable(hook):
@@ -89,7 +119,7 @@ class Registry(Generic[T]):
     def problems(self, name: str, options: Mapping[str, Any]) -> list[Problem]:
         """What :meth:`validate` would reject in ``options`` (no hook), relative to them; ``name`` is registered."""
         factory = self._items[name]
-        unknown, valid, missing = _kwargs_report(factory, options, reserved=set(self.context), optional=supplied(factory))
+        unknown, valid, missing = _kwargs_report(factory, options, reserved=set(self.context - supplied(factory)), optional=supplied(factory))
         out = []
         if unknown:
             out.append(Problem((), f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(valid) or '(none)'}"))
@@ -99,7 +129,9 @@ class Registry(Generic[T]):
 
     def _model(self, name: str) -> Any:
         if name not in self._models:
-            self._models[name] = params_model(self._items[name], skip=self.context, types=self._types.get(name))
+            factory = self._items[name]
+            skip = self.context - supplied(factory)
+            self._models[name] = params_model(factory, skip=skip, types=self._types.get(name))
         return self._models[name]
 
     def _checked(self, name: str, options: dict[str, Any], where: str) -> dict[str, Any]:
@@ -110,9 +142,12 @@ class Registry(Generic[T]):
         return values
 
     def list(self) -> list[str]:
+        self.load()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        if name not in self._items:
+            self.load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
@@ -148,10 +183,18 @@ def _kwargs_report(
     return unknown, valid, missing
 
 
+def _accepted(factory: Callable) -> set[str] | None:
+    """The keyword parameters ``factory`` takes; ``None`` when it takes ``**kwargs``."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    sig = inspect.signature(target)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return {n for n, p in sig.parameters.items() if n != "self" and p.kind is not p.VAR_POSITIONAL}
+
+
 def import_plugins(modules: list[str]) -> None:
     """Import user modules (dotted names or ``.py`` paths) so their ``@register`` decorators run."""
     import hashlib
-    import importlib.util
     import sys
     from pathlib import Path
 
@@ -187,7 +230,6 @@ def import_plugins(modules: list[str]) -> None:
 def _raised_at(exc: BaseException, filename: str | None = None) -> tuple[str, int] | None:
     """(file, line) where ``exc`` was raised in the plugin file ``filename`` (default: the module the import
     ran, the first file after this one in the traceback), or None."""
-    import importlib
     import traceback
     from pathlib import Path
 
@@ -208,18 +250,23 @@ def _where(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
-DATASETS: Registry = Registry("dataset", context=("root",))
-ENCODERS: Registry = Registry("encoder", context=("input_shape",))
-NETWORKS: Registry = Registry("network", context=("input_shapes", "num_classes"))
-METHODS: Registry = Registry("method", context=("ctx",))
-ROUTERS: Registry = Registry("router", context=("num_teachers", "num_classes", "feature_dim", "views"))
-MASKS: Registry = Registry("mask", context=("channels",))
-LOSSES: Registry = Registry("loss")
-OPTIMIZERS: Registry = Registry("optimizer", context=("params",))
-SCHEDULERS: Registry = Registry("scheduler", context=("optimizer", "total_steps"))
-VIEWS: Registry = Registry("view")
-CLIP_BACKENDS: Registry = Registry("clip backend")
-AUGMENTATIONS: Registry = Registry("augmentation")
+DATASETS: Registry = Registry("dataset", context=("root",), providers=("crossmodal_kd.data",))
+ENCODERS: Registry = Registry("encoder", context=("input_shape",), providers=("crossmodal_kd.models",))
+NETWORKS: Registry = Registry(
+    "network", context=("input_shapes", "num_classes", "class_names"), providers=("crossmodal_kd.models", "crossmodal_kd.clip")
+)
+METHODS: Registry = Registry("method", context=("ctx",), providers=("crossmodal_kd.methods",))
+ROUTERS: Registry = Registry(
+    "router", context=("num_teachers", "num_classes", "feature_dim", "views", "class_names"),
+    providers=("crossmodal_kd.models.routers", "crossmodal_kd.clip"),
+)
+MASKS: Registry = Registry("mask", context=("channels",), providers=("crossmodal_kd.models.masks",))
+LOSSES: Registry = Registry("loss", providers=("crossmodal_kd.losses",))
+OPTIMIZERS: Registry = Registry("optimizer", context=("params",), providers=("crossmodal_kd.engine.optim",))
+SCHEDULERS: Registry = Registry("scheduler", context=("optimizer", "total_steps"), providers=("crossmodal_kd.engine.optim",))
+VIEWS: Registry = Registry("view", providers=("crossmodal_kd.views",))
+CLIP_BACKENDS: Registry = Registry("clip backend", providers=("crossmodal_kd.clip",))
+AUGMENTATIONS: Registry = Registry("augmentation", providers=("crossmodal_kd.augment",))
 
 ALL_REGISTRIES = {
     "datasets": DATASETS,
@@ -235,3 +282,11 @@ ALL_REGISTRIES = {
     "clip_backends": CLIP_BACKENDS,
     "augmentations": AUGMENTATIONS,
 }
+
+use_registries(ALL_REGISTRIES)
+
+
+def load_components() -> None:
+    """Register every built-in component (each registry imports its providers)."""
+    for registry in ALL_REGISTRIES.values():
+        registry.load()

@@ -12,7 +12,8 @@ from torch import nn
 
 from conftest import REPO
 from crossmodal_kd.config import load_config, validate_config
-from crossmodal_kd.engine.context import BuildContext, save_model
+from crossmodal_kd.methods.context import BuildContext
+from crossmodal_kd.models.io import save_model
 from crossmodal_kd.engine.trainer import Runner
 from crossmodal_kd.methods.mgdfr import permutation_salience
 from crossmodal_kd.registry import METHODS

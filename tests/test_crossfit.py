@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import read_json, run_config, tiny_config
 from crossmodal_kd.config import validate_config
 from crossmodal_kd.data import build_dataset
-from crossmodal_kd.engine.context import load_model
+from crossmodal_kd.models.io import load_model
 from crossmodal_kd.engine.crossfit import fold_assignment
 
 

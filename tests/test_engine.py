@@ -26,7 +26,7 @@ from conftest import (
 from crossmodal_kd.config import validate_config
 from crossmodal_kd.data import build_dataset
 from crossmodal_kd.engine.checkpoint import latest_good_checkpoint, verify_checkpoint
-from crossmodal_kd.engine.context import load_model, model_path, stage_dir
+from crossmodal_kd.models.io import load_model, model_path, stage_dir
 from crossmodal_kd.engine.report import read_jsonl
 from crossmodal_kd.engine.trainer import Runner, StageTrainer, TrainingError
 from crossmodal_kd.methods.supervised import Supervised
@@ -172,7 +172,7 @@ def test_load_model_works_in_a_fresh_interpreter(reference):
     import sys
 
     path = model_path(reference[0], "teacher", "model")
-    code = f"from crossmodal_kd.engine.context import load_model; print(type(load_model({str(path)!r})).__name__)"
+    code = f"from crossmodal_kd.models.io import load_model; print(type(load_model({str(path)!r})).__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "FusionNet"
 

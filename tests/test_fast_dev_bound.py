@@ -18,7 +18,8 @@ from crossmodal_kd.cli import main
 from crossmodal_kd.config import load_config, validate_config
 from crossmodal_kd.data.synthetic import Synthetic
 from crossmodal_kd.engine import launch
-from crossmodal_kd.engine.context import FAST_DEV_SAMPLES, FAST_DEV_SCAN_BATCHES, BuildContext, save_model
+from crossmodal_kd.methods.context import BuildContext, FAST_DEV_SAMPLES, FAST_DEV_SCAN_BATCHES
+from crossmodal_kd.models.io import save_model
 from crossmodal_kd.engine.trainer import make_accelerator
 from crossmodal_kd.methods import wordnet_clip
 from crossmodal_kd.methods.mgdfr import permutation_salience

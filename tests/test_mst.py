@@ -13,8 +13,8 @@ from torch import nn
 from crossmodal_kd.config import load_config
 from crossmodal_kd.engine.trainer import Runner
 from crossmodal_kd.losses import kd_kl, load_balance_kl
-from crossmodal_kd.masks import ChannelGate, attached, layer_output_shape
-from crossmodal_kd.routers import FixedRouter, GateRouter, UniformRouter
+from crossmodal_kd.models.masks import ChannelGate, attached, layer_output_shape
+from crossmodal_kd.models.routers import FixedRouter, GateRouter, UniformRouter
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -165,7 +165,7 @@ def _run(tmp_path, name, overrides=(), resume=False):
 
 
 def test_collaborative_detach_switch(tmp_path):
-    from crossmodal_kd.engine.context import BuildContext
+    from crossmodal_kd.methods.context import BuildContext
     from crossmodal_kd.methods.collaborative import Collaborative
 
     cfg = load_config(CONFIGS / "synthetic_mst.yaml")
@@ -227,7 +227,7 @@ def test_no_mask_pool_and_hard_k2_ablation_configs_build(tmp_path):
 
 def test_a_stage_trains_identically_in_any_config_that_contains_it(tmp_path):
     """Stage seeds depend on the run seed and the stage name, not on the stage's position."""
-    from crossmodal_kd.engine.context import load_model
+    from crossmodal_kd.models.io import load_model
 
     cfg_full = load_config(CONFIGS / "synthetic_kd.yaml")
     cfg_alone = load_config(CONFIGS / "synthetic_kd.yaml", ["stages=[{name: kd_mm, method: {name: kd, params: {student: image_student, teacher: {stage: teacher_mm}}}, epochs: 3}, {name: teacher_mm, method: {name: supervised, params: {network: fusion}}, epochs: 3}]"])

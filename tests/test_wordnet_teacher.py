@@ -18,11 +18,12 @@ from crossmodal_kd.clip.backends import TextAlignedBackend, build_clip_backend
 from crossmodal_kd.clip.nouns import class_name_synonyms
 from crossmodal_kd.config import ConfigError, load_config, validate_config
 from crossmodal_kd.data.synthetic import Synthetic
-from crossmodal_kd.engine.context import BuildContext, load_model, save_model
+from crossmodal_kd.methods.context import BuildContext
+from crossmodal_kd.models.io import load_model, save_model
 from crossmodal_kd.engine.trainer import Runner, train_step
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.models.aligned import TextTower
-from crossmodal_kd.models.relaxed import RelaxedClipTeacher
+from crossmodal_kd.clip.relaxed import RelaxedClipTeacher
 from crossmodal_kd.registry import METHODS
 
 SHAPES = {"image": (1, 12, 12), "audio": (1, 8, 8)}

@@ -38,7 +38,7 @@ from crossmodal_kd import load_components
 from crossmodal_kd.config import ConfigError, RunConfig, load_config
 from crossmodal_kd.data import EpochSampler, build_dataset, collate_batch
 from crossmodal_kd.data.base import DataError
-from crossmodal_kd.engine.context import BuildContext
+from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.engine.trainer import build_training, make_accelerator, train_step
 from crossmodal_kd.registry import import_plugins
 

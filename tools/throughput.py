@@ -41,7 +41,8 @@ from accelerate.utils import set_seed
 from crossmodal_kd import load_components
 from crossmodal_kd.config import Component, ConfigError, RunConfig, StageConfig, load_config
 from crossmodal_kd.data import ArrayDataset, build_dataset, collate_batch
-from crossmodal_kd.engine.context import BuildContext, model_path, save_model
+from crossmodal_kd.methods.context import BuildContext
+from crossmodal_kd.models.io import model_path, save_model
 from crossmodal_kd.engine.trainer import build_training, make_accelerator, train_step
 from crossmodal_kd.registry import import_plugins
 from crossmodal_kd.targets import TargetStore, TargetTable

@@ -7,6 +7,8 @@
   (a locked pretrained text encoder and an image network aligned to it by an ``align_to_text`` stage).
 - :mod:`~crossmodal_kd.clip.nouns`: noun pools without the class names, cached prompt embeddings,
   spherical k-means image-aware filtering.
+- :mod:`~crossmodal_kd.clip.relaxed`: the WordNet-relaxed CLIP teacher (``NETWORKS``: ``relaxed_clip``).
+- :mod:`~crossmodal_kd.clip.router`: TMKD's text-guided view router (``ROUTERS``: ``text_guided``).
 
 Heavy imports (open_clip, nltk) happen on first use, so importing this package is cheap.
 """
@@ -27,17 +29,22 @@ from crossmodal_kd.clip.nouns import (
     tree_nouns,
     wordnet_nouns,
 )
+from crossmodal_kd.clip.relaxed import RelaxedClipTeacher
+from crossmodal_kd.clip.router import TEXT_GUIDED_PROMPTS, TextGuidedRouter
 from crossmodal_kd.clip.wordnet import WordNetUnavailableError, load_wordnet, prepare_wordnet
 
 __all__ = [
     "CLIP_BACKENDS",
     "DEFAULT_TEMPLATES",
     "PAPER_TEMPLATES",
+    "TEXT_GUIDED_PROMPTS",
     "ClipBackend",
     "NounPool",
     "NounSelection",
     "OpenClipBackend",
+    "RelaxedClipTeacher",
     "TextAlignedBackend",
+    "TextGuidedRouter",
     "WordNetUnavailableError",
     "build_clip_backend",
     "class_name_synonyms",

@@ -58,6 +58,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossmodal_kd.io import sha256_file
+from crossmodal_kd.models.aligned import TextAlignedImageNet, TextTower, text_model_id
+from crossmodal_kd.models.io import load_model
 from crossmodal_kd.registry import CLIP_BACKENDS
 
 log = logging.getLogger(__name__)
@@ -337,8 +339,6 @@ class TextAlignedBackend(ClipBackend):
         max_length: int | None = None,
         allow_download: bool = False,
     ) -> None:
-        from crossmodal_kd.engine.context import load_model
-        from crossmodal_kd.models.aligned import TextAlignedImageNet, text_model_id
 
         if not isinstance(image_model, (str, os.PathLike)):
             raise TypeError(
@@ -386,7 +386,6 @@ class TextAlignedBackend(ClipBackend):
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
         if self._text_tower is None:
-            from crossmodal_kd.models.aligned import TextTower
 
             self._text_tower = TextTower(**self.text_spec).to(self.device)  # a submodule: moves with .to()
         return self._text_tower(texts)

@@ -33,7 +33,7 @@ from crossmodal_kd.data.array_folder import (
     verify_array_folder,
     write_array_folder,
 )
-from crossmodal_kd.models.text import load_tokenizer, tokenize
+from crossmodal_kd.hub import load_tokenizer, tokenize
 from crossmodal_kd.registry import DATASETS
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,10 @@ from torch.utils.data import DataLoader, Subset
 
 from crossmodal_kd.config import ConfigError
 from crossmodal_kd.data import collate_batch
-from crossmodal_kd.engine.context import FAST_DEV_SAMPLES, load_model, model_path, stage_dir
+from crossmodal_kd.methods.context import FAST_DEV_SAMPLES
+from crossmodal_kd.models.io import load_model, model_path, stage_dir
 from crossmodal_kd.engine.fingerprint import direct_dependencies
+from crossmodal_kd.engine.seeding import stage_seed
 from crossmodal_kd.engine.targets import main_decides
 from crossmodal_kd.targets import TargetStore, TargetTable, TeacherCall
 
@@ -99,9 +101,8 @@ def fill_out_of_fold(trainer: Any, k: int) -> dict[str, Any]:
 
 def train_fold(trainer: Any, stage: Any, fold: int, train_idx: np.ndarray, model: str) -> Path:
     """Stage ``stage`` trained on ``train_idx`` under ``<run>/crossfit/<stage>/fold<k>``; the model file.
-    Reused when that fold has finished before (``result.json``). The caller's random state is kept."""
-    from crossmodal_kd.engine.trainer import StageTrainer, stage_seed
-
+    Reused when that fold has finished before (``result.json``). The caller's random state is kept.
+    ``trainer``: the stage trainer that needs the targets; the fold copy is trained by one of its kind."""
     runner = trainer.runner
     depends = direct_dependencies(runner.cfg)[stage.name]
     if depends:
@@ -118,7 +119,7 @@ def train_fold(trainer: Any, stage: Any, fold: int, train_idx: np.ndarray, model
     set_seed(stage_seed(runner.cfg.seed, f"{stage.name}/fold{fold}"))
     index = [s.name for s in runner.cfg.stages].index(stage.name)
     log.info("cross-fitting: training %s on folds other than %d", stage.name, fold)
-    StageTrainer(fold_runner, index, stage, stage_dir(fold_dir, stage.name)).train()
+    type(trainer)(fold_runner, index, stage, stage_dir(fold_dir, stage.name)).train()
     random.setstate(states[0])
     np.random.set_state(states[1])
     torch.set_rng_state(states[2])

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from crossmodal_kd.config import Component, ConfigError, RunConfig
-from crossmodal_kd.engine.context import stage_dir
+from crossmodal_kd.models.io import stage_dir
 from crossmodal_kd.params import RunScope, checking
 from crossmodal_kd.registry import (
     METHODS,

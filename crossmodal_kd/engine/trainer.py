@@ -18,7 +18,6 @@ import math
 import platform
 import shutil
 import time
-import zlib
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,7 +32,8 @@ from tqdm.auto import tqdm
 from crossmodal_kd.config import ConfigError, RunConfig, StageConfig, dump_config
 from crossmodal_kd.data import DataSplits, EpochSampler, build_dataset, collate_batch
 from crossmodal_kd.engine.checkpoint import latest_good_checkpoint, load_trainer_state, save_checkpoint
-from crossmodal_kd.engine.context import BuildContext, load_model, model_path, save_model, stage_dir
+from crossmodal_kd.methods.context import BuildContext
+from crossmodal_kd.models.io import load_model, model_path, save_model, stage_dir
 from crossmodal_kd.engine.fingerprint import (
     differences,
     mismatch_message,
@@ -45,6 +45,7 @@ from crossmodal_kd.engine.launch import warn_launch_mismatch
 from crossmodal_kd.engine.metrics import classification_metrics
 from crossmodal_kd.engine.preflight import preflight
 from crossmodal_kd.engine.crossfit import fill_out_of_fold
+from crossmodal_kd.engine.seeding import stage_seed
 from crossmodal_kd.engine.targets import attach_targets, live_batches
 from crossmodal_kd.engine.report import plot_curves, read_jsonl, results_table, write_jsonl
 from crossmodal_kd.io import atomic_write_json, atomic_write_text
@@ -58,12 +59,6 @@ MIN_FREE_BYTES = 200 * 2**20
 
 class TrainingError(RuntimeError):
     """A run cannot go on (non-finite loss, unusable output directory, ...); the message says why."""
-
-
-def stage_seed(seed: int, stage: str) -> int:
-    """Seed of one stage: depends on the run seed and the stage's name only, so a stage trains the same
-    way in every config that contains it (a shared teacher in ``demo`` and ``compare``, say)."""
-    return seed * 1_000_003 + zlib.crc32(stage.encode()) % 1_000_003
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from crossmodal_kd.config import ConfigError
-from crossmodal_kd.engine.context import BuildContext, attach_spec
+from crossmodal_kd.methods.context import BuildContext
+from crossmodal_kd.models.io import attach_spec
 from crossmodal_kd.losses import text_anchored_contrastive
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.models.aligned import TextTower, prompt_embeddings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from crossmodal_kd.engine.context import BuildContext
+from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import drop_target, kd_kl, non_target_kl
 from crossmodal_kd.methods.kd import Distiller
 from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat

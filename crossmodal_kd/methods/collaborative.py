@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from crossmodal_kd.engine.context import BuildContext
+from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import cross_entropy, kd_kl
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.params import NetworkName, NonNegativeFloat, PositiveFloat

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossmodal_kd.engine.context import BuildContext
-from crossmodal_kd.engine.distributed import gather_cat, global_mean
+from crossmodal_kd.methods.context import BuildContext
+from crossmodal_kd.methods.collectives import gather_cat, global_mean
 from crossmodal_kd.losses import nce_loss
 from crossmodal_kd.methods.kd import Distiller
 from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from crossmodal_kd.engine.context import BuildContext
+from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import non_target_kl, target_kl
 from crossmodal_kd.methods.kd import Distiller
 from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, NonNegativeInt, PositiveFloat

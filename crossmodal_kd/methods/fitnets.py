@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from crossmodal_kd.config import ConfigError
-from crossmodal_kd.engine.context import BuildContext
+from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import hint_mse
 from crossmodal_kd.methods.kd import Distiller
 from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat

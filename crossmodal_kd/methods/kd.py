@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from crossmodal_kd.engine.context import BuildContext
+from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import cross_entropy, kd_kl
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 
-from crossmodal_kd.engine.context import BuildContext, attach_spec
+from crossmodal_kd.methods.context import BuildContext
+from crossmodal_kd.models.io import attach_spec
 from crossmodal_kd.losses import kd_kl
-from crossmodal_kd.masks import attached, layer_output_shape
+from crossmodal_kd.models.masks import attached, layer_output_shape
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.params import MaskSpec, ModelRefSpec, PositiveFloat
 from crossmodal_kd.registry import MASKS, METHODS
@@ -32,9 +32,7 @@ class MaskTraining(Method):
         self.student = self.freeze("student", ctx.load(student, key="student"))
         self.layer, self.tau = layer, tau
         shape = layer_output_shape(self.teacher.module, layer, ctx.sample_batch)
-        context = {"channels": shape[1]}
-        if "spatial" in inspect.signature(MASKS.get(mask["name"])).parameters:  # masks that summarise conv maps their own way
-            context["spatial"] = math.prod(shape[2:]) > 1
+        context = {"channels": shape[1], "spatial": math.prod(shape[2:]) > 1}  # `spatial`: for masks that summarise conv maps
         params = mask.get("params", {})
         self.mask = attach_spec(
             MASKS.build(mask["name"], params, where=f"{ctx.where}.mask.params", **context), "masks", mask["name"], params, context

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossmodal_kd.config import ConfigError
-from crossmodal_kd.engine.context import BuildContext
-from crossmodal_kd.masks import attached, layer_output_shape
+from crossmodal_kd.methods.context import BuildContext
+from crossmodal_kd.models.masks import attached, layer_output_shape
 from crossmodal_kd.methods.kd import Distiller
 from crossmodal_kd.params import Fraction, ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat, PositiveInt
 from crossmodal_kd.registry import METHODS

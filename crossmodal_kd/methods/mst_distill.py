@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from crossmodal_kd.config import ConfigError
-from crossmodal_kd.engine.context import BuildContext
-from crossmodal_kd.engine.distributed import global_mean
+from crossmodal_kd.methods.context import BuildContext
+from crossmodal_kd.methods.collectives import global_mean
 from crossmodal_kd.losses import cross_entropy, kd_kl, load_balance_kl
-from crossmodal_kd.masks import attached
+from crossmodal_kd.models.masks import attached
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.methods.kd import build_student
 from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat, RouterSpec, TeacherEntry
@@ -101,8 +101,8 @@ class MSTDistill(Method):
         self.teachers = [self._teacher(ctx, i, entry) for i, entry in enumerate(teachers)]
         router = router or {"name": "gate"}
         try:
-            self.router = ROUTERS.build(
-                router["name"], router.get("params"), where=f"{ctx.where}.router.params",
+            self.router = ROUTERS.build_spec(
+                router, where=f"{ctx.where}.router",
                 num_teachers=len(self.teachers), num_classes=ctx.num_classes, feature_dim=self.student.feature_dim,
             )
         except ValueError as exc:

@@ -33,8 +33,9 @@ from typing import Any
 import torch
 
 from crossmodal_kd.config import ConfigError
-from crossmodal_kd.engine.context import BuildContext, stage_dir
-from crossmodal_kd.engine.distributed import global_mean
+from crossmodal_kd.methods.context import BuildContext
+from crossmodal_kd.models.io import stage_dir
+from crossmodal_kd.methods.collectives import global_mean
 from crossmodal_kd.losses import cross_entropy, kd_kl, load_balance_kl
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.methods.kd import build_student
@@ -77,10 +78,8 @@ def _val_weighted(method: MultiTeacherKD, ctx: BuildContext, router: dict | None
 
 
 def _router(method: MultiTeacherKD, ctx: BuildContext, router: dict | None) -> torch.nn.Module:
-    if not router or "name" not in router or set(router) - {"name", "params"}:
-        raise ConfigError(f"{ctx.where}.router: combine 'router' needs router: {{name: <{', '.join(ROUTERS.list())}>, params: {{...}}}}")
-    return ROUTERS.build(
-        router["name"], router.get("params"), where=f"{ctx.where}.router.params",
+    return ROUTERS.build_spec(
+        router, where=f"{ctx.where}.router",
         num_teachers=len(method.names), num_classes=ctx.num_classes, feature_dim=method.student.feature_dim,
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from crossmodal_kd.augment import AugmentSet
-from crossmodal_kd.engine.context import BuildContext
+from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import cross_entropy
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.params import AugmentationSpec, NetworkName, Probability

@@ -6,7 +6,7 @@ Two stages:
     Cross-entropy training of a ``multiview`` network (one backbone shared by the views RGB, edge,
     high-frequency, derived by ``data.views``). With the ``text_guided`` router, a frozen CLIP backend
     weights the views per instance by how well each view matches its prior-aware prompt for the
-    sample's class (see :class:`~crossmodal_kd.routers.TextGuidedRouter`). The router's backend may
+    sample's class (see :class:`~crossmodal_kd.clip.router.TextGuidedRouter`). The router's backend may
     name an earlier stage (``image_model: {stage: align}``) and its ``class_names`` default to the
     dataset's; both are resolved here, before the network is built, so the saved teacher (model
     ``model``) records file paths and names and loads by path like any other.
@@ -31,8 +31,6 @@ label-free number (the weights see the label); the student never reads labels at
 
 from __future__ import annotations
 
-import copy
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,12 +40,12 @@ from torch import nn
 
 from crossmodal_kd.clip.backends import build_clip_backend
 from crossmodal_kd.config import ConfigError
-from crossmodal_kd.engine.context import BuildContext
+from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import perturbed_feature_mse, text_anchored_contrastive
 from crossmodal_kd.methods.kd import Distiller
 from crossmodal_kd.methods.supervised import Supervised
 from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat
-from crossmodal_kd.registry import METHODS, ROUTERS
+from crossmodal_kd.registry import METHODS
 
 CLASS_PROMPTS = ("a photo of a {}.",)
 """The text anchors of the contrastive term: the class prompt of SPEC 4."""
@@ -57,9 +55,9 @@ CLASS_PROMPTS = ("a photo of a {}.",)
 class TMKDTeacher(Supervised):
     """Train TMKD's multi-view teacher (a ``multiview`` network named ``network``) with cross-entropy.
 
-    Parameters as ``supervised`` (``label_smoothing``, ``augment``). In the network's ``router.params``,
-    a ``backend`` has its ``{stage|path}`` references resolved to files, and ``class_names`` (when the
-    router takes them and the config gives none) are the dataset's. Logs each view's mean weight per
+    Parameters as ``supervised`` (``label_smoothing``, ``augment``). The network's model references (a
+    router backend's ``image_model: {stage: align}``) are resolved to files when it is built, and a router
+    that takes ``class_names`` gets the dataset's unless the config gives them. Logs each view's mean weight per
     epoch (``view_weight/<view>``).
     """
 
@@ -67,20 +65,7 @@ class TMKDTeacher(Supervised):
         spec = ctx.network_spec(network)
         if spec.name != "multiview":
             raise ConfigError(f"{ctx.where}.network: '{network}' is a '{spec.name}' network; tmkd_teacher trains a 'multiview' one")
-        params = copy.deepcopy(spec.params)
-        router = params.get("router")
-        if isinstance(router, dict) and "name" in router:
-            key = f"networks.{network}.params.router.params"
-            router_params = dict(router.get("params") or {})
-            if "backend" in router_params:
-                router_params["backend"] = ctx.backend_spec(router_params["backend"], key=f"{key}.backend")
-            if "class_names" in inspect.signature(ROUTERS.get(router["name"])).parameters:
-                names = list(router_params.get("class_names") or ctx.class_names)
-                if len(names) != ctx.num_classes:
-                    raise ConfigError(f"{ctx.where}: {len(names)} class names for {ctx.num_classes} classes; set {key}.class_names")
-                router_params["class_names"] = names
-            params["router"] = {"name": router["name"], "params": router_params}
-        return ctx.network(network, params)
+        return ctx.network(network)
 
     def forward(self, batch):
         out, losses = super().forward(batch)

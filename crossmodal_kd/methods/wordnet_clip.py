@@ -12,7 +12,7 @@ Building the stage:
    ``noun_embeddings/``): a second run with the same backend, templates and pool reads the file;
 4. image-aware ``filtering``: spherical k-means (``k``) on the backend's embeddings of the *training*
    split, ``top_m`` nouns per centre (``null``: keep the whole pool);
-5. T_x, a ``relaxed_clip`` network (:mod:`crossmodal_kd.models.relaxed`) over the kept nouns, its noun
+5. T_x, a ``relaxed_clip`` network (:mod:`crossmodal_kd.clip.relaxed`) over the kept nouns, its noun
    matrix initialised from their embeddings.
 
 Training: the hierarchical loss ``CE + w_class (1 - cos(n_class, n_relaxed)) + w_pre (1 - cos(n_relaxed,
@@ -41,7 +41,8 @@ from crossmodal_kd.clip.nouns import (
 )
 from crossmodal_kd.clip.wordnet import wordnet_problem
 from crossmodal_kd.config import ConfigError
-from crossmodal_kd.engine.context import BuildContext, attach_spec
+from crossmodal_kd.methods.context import BuildContext
+from crossmodal_kd.models.io import attach_spec
 from crossmodal_kd.losses import hierarchical_terms
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.params import NonNegativeFloat, PositiveFloat, PositiveInt
@@ -78,7 +79,7 @@ class WordNetClip(Method):
     ``backend``: ``{name, params}``. ``pool``: :func:`noun_pool` keywords (``source``, ``roots``, ``depth``,
     ``exclude_class_names``, ``extra_excluded``, ``max_nouns``, ``seed``) or ``source: class_names``.
     ``filtering``: ``{k, top_m, mode, iters, seed}`` or ``null``. ``teacher``: T_x's ``{hidden, dropout}``
-    (and ``label_oracle: true`` for the naive label-leak ablation only, see :mod:`crossmodal_kd.models.relaxed`).
+    (and ``label_oracle: true`` for the naive label-leak ablation only, see :mod:`crossmodal_kd.clip.relaxed`).
     ``class_names``: override the dataset's.
     """
 

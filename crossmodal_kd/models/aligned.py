@@ -29,7 +29,8 @@ from torch import nn
 
 from crossmodal_kd.io import sha256_file
 from crossmodal_kd.models.networks import Network, _build_encoder
-from crossmodal_kd.models.text import HFTextEncoder, resolve_model
+from crossmodal_kd.hub import resolve_model
+from crossmodal_kd.models.text import HFTextEncoder
 from crossmodal_kd.params import EncoderSpec, PositiveFloat, PositiveInt
 from crossmodal_kd.registry import NETWORKS
 

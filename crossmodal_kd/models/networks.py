@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from crossmodal_kd.params import EncoderSpec, Fraction, PositiveInt, Probability, RouterSpec
+from crossmodal_kd.models.routers import ROUTERS
 from crossmodal_kd.registry import ENCODERS, NETWORKS
 
 
@@ -26,20 +27,18 @@ class Network(nn.Module):
 
 
 def build_network(
-    name: str, params: dict[str, Any], input_shapes: Mapping[str, Sequence[int]], num_classes: int, where: str = ""
+    name: str, params: dict[str, Any], input_shapes: Mapping[str, Sequence[int]], num_classes: int, where: str = "",
+    class_names: Sequence[str] = (),
 ) -> Network:
-    return NETWORKS.build(name, params, where=where or f"networks.{name}", input_shapes=input_shapes, num_classes=num_classes)
+    return NETWORKS.build(
+        name, params, where=where or f"networks.{name}", input_shapes=input_shapes, num_classes=num_classes, class_names=tuple(class_names)
+    )
 
 
 def _build_encoder(spec: Mapping[str, Any], modality: str, input_shapes: Mapping[str, Sequence[int]]) -> nn.Module:
     if modality not in input_shapes:
         raise KeyError(f"modality '{modality}' is not in this dataset; available: {', '.join(input_shapes)}")
-    if "name" not in spec:
-        raise ValueError(f"encoder spec for '{modality}' needs a 'name' (one of {', '.join(ENCODERS.list())})")
-    extra = set(spec) - {"name", "params"}
-    if extra:
-        raise ValueError(f"encoder spec for '{modality}': unknown key(s) {', '.join(sorted(extra))}; valid: name, params")
-    enc = ENCODERS.build(spec["name"], spec.get("params"), where=f"encoder {spec['name']}", input_shape=tuple(input_shapes[modality]))
+    enc = ENCODERS.build_spec(spec, where=f"encoder for '{modality}'", input_shape=tuple(input_shapes[modality]))
     if not isinstance(getattr(enc, "out_dim", None), int):
         raise TypeError(f"encoder '{spec['name']}' must set an integer .out_dim on the module it returns")
     return enc
@@ -129,9 +128,8 @@ class MultiViewNet(Network):
         encoder: EncoderSpec,
         router: RouterSpec | None = None,
         dropout: Fraction = 0.0,
+        class_names: Sequence[str] = (),
     ) -> None:
-        from crossmodal_kd.routers import build_router
-
         super().__init__()
         if not views:
             raise ValueError("network 'multiview' needs at least one view")
@@ -143,9 +141,9 @@ class MultiViewNet(Network):
         self.feature_dim = self.encoder.out_dim
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.feature_dim, num_classes)
-        self.router = build_router(
-            router or {"name": "uniform"}, where="network 'multiview' router",
-            num_teachers=len(views), num_classes=num_classes, feature_dim=self.feature_dim, views=self.modalities,
+        self.router = ROUTERS.build_spec(
+            router or {"name": "uniform"}, where="network 'multiview' router", num_teachers=len(views),
+            num_classes=num_classes, feature_dim=self.feature_dim, views=self.modalities, class_names=tuple(class_names),
         )
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 
-from crossmodal_kd.engine.distributed import global_mean
+from crossmodal_kd.methods.collectives import global_mean
 from crossmodal_kd.losses import load_balance_kl
 
 TOTAL, SPLIT = 7, 4  # rank 0 gets rows 0..3, rank 1 rows 4..6 (uneven local batches)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crossmodal_kd.clip.backends import build_clip_backend
 from crossmodal_kd.models.frozen import FrozenHolder
 from crossmodal_kd.models.networks import Network
 from crossmodal_kd.params import Fraction, PositiveFloat, PositiveInt
@@ -69,8 +70,6 @@ class RelaxedClipTeacher(FrozenHolder, Network):
         temperature: PositiveFloat = 0.005,
         label_oracle: bool = False,
     ) -> None:
-        from crossmodal_kd.clip.backends import build_clip_backend
-
         super().__init__()
         if modality not in input_shapes:
             raise KeyError(f"network 'relaxed_clip': modality '{modality}' is not in this dataset; have {', '.join(input_shapes)}")

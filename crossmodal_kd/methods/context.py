@@ -11,64 +11,14 @@ from pydantic import ValidationError
 from torch import nn
 
 from crossmodal_kd.config import Component, ConfigError, ModelRef, RunConfig
-from crossmodal_kd.io import atomic_torch_save
-from crossmodal_kd.registry import ALL_REGISTRIES
+from crossmodal_kd.data import collate_batch
+from crossmodal_kd.models.io import attach_spec, load_model, model_path
+from crossmodal_kd.models.networks import build_network
 
-MODEL_FILE_FORMAT = 1
 # fast-dev-run bounds on build-time work (BuildContext.fast_dev_run): rows of the probe batch, batches
 # of a training-split scan, and the per-method caps that go through BuildContext.bound
 FAST_DEV_SAMPLES = 32
 FAST_DEV_SCAN_BATCHES = 2
-
-
-def stage_dir(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / "stages" / stage
-
-
-def model_path(run_dir: Path, stage: str, model: str) -> Path:
-    return stage_dir(run_dir, stage) / "models" / f"{model}.pt"
-
-
-def attach_spec(module: nn.Module, registry: str, name: str, params: Mapping[str, Any], context: Mapping[str, Any]) -> nn.Module:
-    """Remember how ``module`` was built so a saved file can rebuild it without the config."""
-    module.build_spec = {"registry": registry, "name": name, "params": dict(params), "context": dict(context)}
-    return module
-
-
-def build_from_spec(spec: Mapping[str, Any], where: str) -> nn.Module:
-    from crossmodal_kd import load_components  # a bare `load_model` in a fresh interpreter needs the registries
-
-    load_components()
-    registry = ALL_REGISTRIES[spec["registry"]]
-    context = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec["context"].items()}
-    if "input_shapes" in context:
-        context["input_shapes"] = {m: tuple(s) for m, s in context["input_shapes"].items()}
-    module = registry.build(spec["name"], spec["params"], where=where, **context)
-    return attach_spec(module, spec["registry"], spec["name"], spec["params"], spec["context"])
-
-
-def save_model(module: nn.Module, path: Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
-    spec = getattr(module, "build_spec", None)
-    if spec is None:
-        raise TypeError(f"cannot save {type(module).__name__} to {path}: it was not built through a registry")
-    state = {k: v.detach().cpu() for k, v in (state_dict or module.state_dict()).items()}
-    atomic_torch_save({"format": MODEL_FILE_FORMAT, "spec": spec, "state_dict": state}, path)
-
-
-def load_model(path: str | Path) -> nn.Module:
-    """Rebuild a saved model from its file alone (teachers are loaded by path in later stages)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated/corrupt pickles
-        raise RuntimeError(f"{path}: unreadable model file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(blob, dict) or blob.get("format") != MODEL_FILE_FORMAT:
-        raise RuntimeError(f"{path}: not a crossmodal_kd model file (format {MODEL_FILE_FORMAT})")
-    module = build_from_spec(blob["spec"], where=str(path))
-    module.load_state_dict(blob["state_dict"])
-    return module
 
 
 @dataclass
@@ -106,8 +56,6 @@ class BuildContext:
             raise ConfigError(f"{self.where}: this method scans the training split, which the build context lacks")
         from torch.utils.data import DataLoader
 
-        from crossmodal_kd.data import collate_batch
-
         batch_size = self.bound(batch_size, FAST_DEV_SAMPLES)
         loader = DataLoader(self.train_data, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
         for i, batch in enumerate(loader):
@@ -126,12 +74,10 @@ class BuildContext:
         """A freshly initialised network from the run's ``networks:`` section; ``params`` replace the
         configured ones (for methods that resolve references in them first). The saved file records
         the params it was built with."""
-        from crossmodal_kd.models.networks import build_network
-
         spec = self.network_spec(name)
-        params = dict(spec.params if params is None else params)
-        context = {"input_shapes": self.input_shapes, "num_classes": self.num_classes}
-        net = build_network(spec.name, params, self.input_shapes, self.num_classes, where=f"networks.{name}")
+        params = self.resolve_references(dict(spec.params if params is None else params), f"networks.{name}.params")
+        context = {"input_shapes": self.input_shapes, "num_classes": self.num_classes, "class_names": list(self.class_names)}
+        net = build_network(spec.name, params, self.input_shapes, self.num_classes, where=f"networks.{name}", class_names=self.class_names)
         return attach_spec(net, "networks", spec.name, params, context)
 
     def ref(self, value: Any, key: str) -> ModelRef:
@@ -151,18 +97,26 @@ class BuildContext:
         return model_path(self.run_dir, ref.stage, ref.model)
 
     def backend_spec(self, backend: Any, key: str = "backend") -> dict[str, Any]:
-        """A CLIP backend ``{name, params}`` (at ``<where>.<key>``) with a ``{stage|path}`` reference in
-        ``params.image_model`` resolved to the absolute path of an existing file, so the spec can be saved
-        with a model and rebuilt from its file alone."""
+        """A CLIP backend ``{name, params}`` (at ``<where>.<key>``) with its model references resolved to files
+        (:meth:`resolve_references`), so the spec can be saved with a model and rebuilt from its file alone."""
         if not isinstance(backend, Mapping) or "name" not in backend or set(backend) - {"name", "params"}:
             raise ConfigError(f"{self.where}.{key}: expected {{name: <clip backend>, params: {{...}}}}, got {backend!r}")
-        params = dict(backend.get("params") or {})
-        if isinstance(params.get("image_model"), Mapping):
-            path = self.resolve(params["image_model"], key=f"{key}.params.image_model")
-            if not path.is_file():
-                raise FileNotFoundError(f"{self.where}.{key}.params.image_model: {path} does not exist (has its stage run?)")
-            params["image_model"] = str(Path(path).resolve())
-        return {"name": backend["name"], "params": params}
+        return {"name": backend["name"], "params": self.resolve_references(dict(backend.get("params") or {}), f"{key}.params")}
+
+    def resolve_references(self, value: Any, key: str) -> Any:
+        """``value`` with every model reference inside it (a mapping of only ``stage``/``model``/``path`` keys,
+        e.g. a backend's ``image_model: {stage: align}``) replaced by the absolute path of its existing file:
+        what a network's or backend's saved spec must hold to load without the config."""
+        if isinstance(value, Mapping):
+            if value and set(value) <= {"stage", "model", "path"} and ({"stage", "path"} & set(value)):
+                path = self.resolve(value, key=key)
+                if not path.is_file():
+                    raise FileNotFoundError(f"{self.where}.{key}: {path} does not exist (has its stage run?)")
+                return str(Path(path).resolve())
+            return {k: self.resolve_references(v, f"{key}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.resolve_references(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
 
     def load(self, ref: ModelRef | Mapping[str, Any], key: str = "model") -> nn.Module:
         path = self.resolve(ref, key)
