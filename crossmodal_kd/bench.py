@@ -62,9 +62,15 @@ class Experiment(Strict):
     seeds: list[int] | None = Field(None, description="this experiment's seeds (default: the benchmark's)")
 
 
+class Comparison(Strict):
+    a: str = Field(description="row label")
+    b: str = Field(description="row label it is compared with (a - b, paired by seed)")
+
+
 class BenchConfig(Strict):
     output_dir: str = "runs/bench"
     reference: str | None = Field(None, description="row label every row is compared with, paired by seed")
+    comparisons: list[Comparison] = Field(default_factory=list, description="further paired comparisons between rows")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     variants: dict[str, list[str]] = Field(default_factory=lambda: {"default": []})
     experiments: list[Experiment] = Field(min_length=1)
@@ -79,8 +85,9 @@ class BenchConfig(Strict):
             if unknown:
                 raise ValueError(f"experiment '{e.config}': variant_overrides names unknown variants {unknown}; variants: {sorted(self.variants)}")
         labels = [row.label for e in self.experiments for row in e.rows]
-        if self.reference is not None and self.reference not in labels:
-            raise ValueError(f"reference '{self.reference}' is not a row label; labels: {', '.join(dict.fromkeys(labels))}")
+        for label in [self.reference, *(x for c in self.comparisons for x in (c.a, c.b))]:
+            if label is not None and label not in labels:
+                raise ValueError(f"'{label}' is not a row label; labels: {', '.join(dict.fromkeys(labels))}")
         return self
 
 
@@ -131,8 +138,10 @@ def run_bench(
                 metrics["stages"][s]["train_time_s"] + metrics["stages"][s].get("target_build_s", 0.0)
                 for s in (row.stage, *row.cost_stages)
             )
+            routing = stage.get("routing") or {}
             records.append({
                 "method": row.label, "variant": variant, "seed": seed,
+                "gate_entropy": routing["entropy"][-1] / routing["max_entropy"] if routing.get("entropy") else None,
                 "test_accuracy": m["test"]["accuracy"], "test_macro_f1": m["test"]["macro_f1"],
                 "val_accuracy": m["val"]["accuracy"], "train_time_s": train_time,
                 "samples_per_s": stage["train_samples_per_s"], "peak_memory_mb": stage["peak_memory_mb"],
@@ -157,28 +166,55 @@ def summarize(records: list[dict[str, Any]], reference: str | None = None) -> li
     rows = []
     for (method, variant), rs in groups.items():
         row = {"method": method, "variant": variant, "seeds": len(rs)}
-        for key in ("test_accuracy", "test_macro_f1", "val_accuracy", "train_time_s", "samples_per_s", "peak_memory_mb"):
-            values = [r[key] for r in rs if r[key] is not None]
+        for key in ("test_accuracy", "test_macro_f1", "val_accuracy", "train_time_s", "samples_per_s", "peak_memory_mb", "gate_entropy"):
+            values = [r[key] for r in rs if r.get(key) is not None]
             row[f"{key}_mean"] = statistics.fmean(values) if values else float("nan")
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         acc = estimate([r["test_accuracy"] for r in rs])
         row["test_accuracy_ci_low"], row["test_accuracy_ci_high"] = acc.low, acc.high
-        ref = {r["seed"]: r["test_accuracy"] for r in groups.get((reference, variant), [])}
-        pairs = [(r["test_accuracy"], ref[r["seed"]]) for r in rs if r["seed"] in ref]
-        if reference is not None and method != reference and pairs:
-            cmp = paired([a for a, _ in pairs], [b for _, b in pairs])
-            row.update({"vs_reference_n": cmp.diff.n, "vs_reference_diff": cmp.diff.mean, "vs_reference_ci_low": cmp.diff.low,
-                        "vs_reference_ci_high": cmp.diff.high, "vs_reference_p": cmp.p_value, "vs_reference_separated": cmp.separated})
+        if reference is not None and method != reference:
+            row.update({f"vs_reference_{k}": v for k, v in compare_rows(groups, method, reference, variant).items()})
         rows.append(row)
     return rows
 
 
+def compare_rows(groups: dict[tuple[str, str], list[dict[str, Any]]], a: str, b: str, variant: str) -> dict[str, Any]:
+    """Test accuracy of row ``a`` minus row ``b`` (one variant), paired over the seeds both have: ``n``, ``diff``,
+    ``ci_low``, ``ci_high``, ``p``, ``separated``; empty with fewer than two pairs."""
+    other = {r["seed"]: r["test_accuracy"] for r in groups.get((b, variant), [])}
+    pairs = [(r["test_accuracy"], other[r["seed"]]) for r in groups.get((a, variant), []) if r["seed"] in other]
+    if len(pairs) < 2:
+        return {}
+    cmp = paired([x for x, _ in pairs], [y for _, y in pairs])
+    return {"n": cmp.diff.n, "diff": cmp.diff.mean, "ci_low": cmp.diff.low, "ci_high": cmp.diff.high,
+            "p": cmp.p_value, "separated": cmp.separated}
+
+
+def comparisons_table(records: list[dict[str, Any]], comparisons: list[Comparison]) -> str:
+    """One line per (comparison, variant): the paired test-accuracy difference, its CI and p-value."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["variant"]), []).append(r)
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    lines = ["| student | comparison (a - b) | n | Δ test acc (pp): mean [95 % CI] | p | |", "|---|---|---:|---|---:|---|"]
+    for c in comparisons:
+        for v in variants:
+            if not (d := compare_rows(groups, c.a, c.b, v)):
+                continue
+            verdict = "outside the noise" if d["separated"] else "no measurable difference"
+            lines.append(f"| {v} | {c.a} - {c.b} | {d['n']} | {100 * d['diff']:+.2f} [{100 * d['ci_low']:+.2f}, "
+                         f"{100 * d['ci_high']:+.2f}] | {d['p']:.3f} | {verdict} |")
+    return "\n".join(lines)
+
+
 def markdown_table(summary: list[dict[str, Any]], reference: str | None = None) -> str:
     vs = f"Δ test acc vs {reference} (pp, paired: mean [95 % CI], p)" if reference else "Δ vs reference"
+    gate = any(r["gate_entropy_mean"] == r["gate_entropy_mean"] for r in summary)  # some row routes (not NaN)
     lines = [
         f"| student | method | seeds | test acc (%) | 95 % CI | {vs} | test macro-F1 (%) | val acc (%) "
-        "| train time (s, incl. teachers) | samples/s | peak mem (MB) |",
-        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|",
+        + ("| gate entropy (x ln E, last epoch) " if gate else "")
+        + "| train time (s, incl. teachers) | samples/s | peak mem (MB) |",
+        "|---|---|---:|---:|---|---|---:|---:|" + ("---:|" if gate else "") + "---:|---:|---:|",
     ]
     for r in summary:
         pct = lambda key: f"{100 * r[key + '_mean']:.2f}" + (f" ± {100 * r[key + '_std']:.2f}" if r["seeds"] > 1 else "")
@@ -186,7 +222,8 @@ def markdown_table(summary: list[dict[str, Any]], reference: str | None = None) 
         lines.append(
             f"| {r['variant']} | {r['method']} | {r['seeds']} | {pct('test_accuracy')} | {ci} | {_versus(r)} "
             f"| {pct('test_macro_f1')} | {pct('val_accuracy')} "
-            f"| {r['train_time_s_mean']:.1f} | {r['samples_per_s_mean']:.0f} | {r['peak_memory_mb_mean']:.0f} |"
+            + (f"| {r['gate_entropy_mean']:.2f} " if gate and r["gate_entropy_mean"] == r["gate_entropy_mean"] else "| - " if gate else "")
+            + f"| {r['train_time_s_mean']:.1f} | {r['samples_per_s_mean']:.0f} | {r['peak_memory_mb_mean']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -203,6 +240,8 @@ def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
     out = Path(bench.output_dir)
     summary = summarize(records, bench.reference)
     table = markdown_table(summary, bench.reference)
+    if bench.comparisons:
+        table += "\n\nPaired comparisons:\n\n" + comparisons_table(records, bench.comparisons)
     atomic_write_text(out / "results.md", table + "\n")
     atomic_write_text(out / "records.json", json.dumps(records, indent=1) + "\n")
     with open(out / "results.csv", "w", newline="") as f:

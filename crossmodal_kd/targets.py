@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from crossmodal_kd.io import atomic_write_json, sha256_file
-from crossmodal_kd.models.frozen import FrozenHolder
+from crossmodal_kd.models.frozen import frozen_state
 
 log = logging.getLogger(__name__)
 Outputs = dict[str, torch.Tensor]
@@ -188,11 +188,9 @@ def module_fingerprint(module: nn.Module) -> dict[str, Any]:
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         _update_with_tensor(h, t)
-    for sub in module.modules():  # frozen helpers held outside the module tree (CLIP backends, transformers)
-        for helper in sub._frozen() if isinstance(sub, FrozenHolder) else []:
-            for name, t in sorted(helper.state_dict().items()):
-                h.update(name.encode())
-                _update_with_tensor(h, t)
+    for name, t in sorted(frozen_state(module)):  # frozen modules held outside the tree (CLIP backends, transformers)
+        h.update(name.encode())
+        _update_with_tensor(h, t)
     return {"class": type(module).__name__, "spec": getattr(module, "build_spec", None), "weights": h.hexdigest()}
 
 

@@ -1,4 +1,4 @@
-"""Views: image transforms that add derived modalities to a batch (TMKD, SPEC 4), batched on the device.
+"""Views: image transforms that add derived modalities to a batch (TMKD: Zhang et al., arXiv 2603.24208), batched on the device.
 
 A config names each new modality and the view that derives it from a source modality::
 

@@ -75,3 +75,67 @@ def test_bench_file_errors_name_the_key(tmp_path):
     bad.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="distinct"):
         load_bench(bad)
+
+
+def _record(method, seed, acc, variant="image", entropy=None):
+    return {"method": method, "variant": variant, "seed": seed, "test_accuracy": acc, "test_macro_f1": acc,
+            "val_accuracy": acc, "train_time_s": 1.0, "samples_per_s": 1.0, "peak_memory_mb": 1.0, "gate_entropy": entropy}
+
+
+def test_paired_comparisons_and_gate_entropy_column():
+    from crossmodal_kd.bench import Comparison, comparisons_table, markdown_table
+
+    records = [_record("A", s, 0.60 + 0.01 * s + 0.02, entropy=0.8) for s in range(5)]
+    records += [_record("B", s, 0.60 + 0.01 * s + (0.001 if s % 2 else -0.001)) for s in range(5)]
+    records += [_record("C", s, 0.60 + 0.01 * s + 0.02 + (0.03 if s % 2 else -0.03)) for s in range(5)]
+    table = comparisons_table(records, [Comparison(a="A", b="B"), Comparison(a="C", b="B")])
+    a_b = next(line for line in table.splitlines() if "A - B" in line)
+    assert "| 5 | +2.02 [" in a_b and a_b.endswith("outside the noise |")
+    c_b = next(line for line in table.splitlines() if "C - B" in line)
+    assert c_b.endswith("no measurable difference |")
+    rows = markdown_table(summarize(records)).splitlines()
+    assert "gate entropy (x ln E, last epoch)" in rows[0]
+    assert "| 0.80 |" in next(r for r in rows if "| A |" in r) and "| - |" in next(r for r in rows if "| B |" in r)
+
+
+def test_variant_overrides_reach_their_variant_only(tmp_path, monkeypatch):
+    import crossmodal_kd.bench as bench_module
+
+    seen = []
+
+    class FakeRunner:
+        def __init__(self, cfg, run_dir, **kwargs):
+            seen.append((run_dir.parent.name, cfg.networks["image_student"]))
+
+        def run(self):
+            stage = {"models": {m: {"test": {"accuracy": 0.5, "macro_f1": 0.5}, "val": {"accuracy": 0.5}} for m in ("model", "student")},
+                     "train_time_s": 1.0, "train_samples_per_s": 1.0, "peak_memory_mb": 1.0}
+            return {"stages": {"student_only": stage, "kd_mm": stage, "teacher_mm": stage}}
+
+    monkeypatch.setattr(bench_module, "Runner", FakeRunner)
+    path = bench_file(tmp_path, seeds=[0])
+    spec = yaml.safe_load(path.read_text())
+    spec["variants"]["audio"] = []
+    spec["experiments"][0]["variant_overrides"] = {"audio": ["networks.image_student=audio_net"]}
+    path.write_text(yaml.safe_dump(spec))
+    run_bench(load_bench(path), progress=False)
+    networks = dict(seen)
+    assert set(networks) == {"image", "audio"}
+    assert networks["image"] != "audio_net" and networks["audio"] == "audio_net"  # an alias only in the audio variant
+    spec["experiments"][0]["variant_overrides"] = {"video": []}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"variant_overrides names unknown variants \['video'\]"):
+        load_bench(path)
+    spec["experiments"][0].pop("variant_overrides")
+    spec["comparisons"] = [{"a": "KD", "b": "no such row"}]
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="'no such row' is not a row label"):
+        load_bench(path)
+
+
+def test_cli_bench_variants_filter_names_unknown_ones(tmp_path, capsys):
+    from crossmodal_kd.cli import main
+
+    assert main(["bench", str(bench_file(tmp_path)), "--variants", "video", "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert "bench.yaml: no variant video; variants: " in err and {"image", "audio"} <= set(err.split("variants: ")[1].strip().split(", "))

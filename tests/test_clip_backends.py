@@ -90,8 +90,12 @@ def test_shapes_unit_norm_batching_and_grad(tiny):
     torch.testing.assert_close(image.norm(dim=1), torch.ones(4))
     torch.testing.assert_close(tiny.encode_image(grey.expand(-1, 3, -1, -1)), image)  # grey == replicated RGB
     assert tiny.encode_image(torch.rand(2, 3, 40, 56)).shape == (2, 32)
-    assert tiny.encode_image(grey, grad=True).requires_grad
-    assert tiny.encode_text(TEXTS[:1], grad=True).requires_grad
+    # the backend is frozen (no weight gets a gradient); ``grad=True`` keeps the graph to the input images
+    assert not any(p.requires_grad for p in tiny.model.parameters()) and not list(tiny.parameters())
+    pixels = grey.clone().requires_grad_()
+    assert not tiny.encode_image(pixels).requires_grad
+    tiny.encode_image(pixels, grad=True).sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
 
 
 def test_random_weights_are_deterministic_given_the_seed(tiny):

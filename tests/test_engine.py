@@ -357,7 +357,7 @@ def test_teachers_are_frozen_in_eval_mode_and_not_optimised(tmp_path, monkeypatc
         out = original(self, epoch)  # calls method.train() and runs optimizer steps
         if self.stage.name == "kd":
             teacher = self.core.frozen_modules()["teacher"]
-            saved = load_state_dict(model_path(self.runner.run_dir, "teacher", "model"))
+            saved = load_state_dict(model_path(self.env.run_dir, "teacher", "model"))
             assert self.core.training and self.core.student.training
             assert not teacher.training and not any(m.training for m in teacher.modules())
             assert not any(p.requires_grad for p in teacher.parameters())

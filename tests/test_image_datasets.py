@@ -1,4 +1,4 @@
-"""Image datasets for TMKD (SPEC 6): ImageFolder trees (``imagefolder``) and CIFAR-100 pickles (``cifar100``),
+"""Image datasets for TMKD (Zhang et al., arXiv 2603.24208): ImageFolder trees (``imagefolder``) and CIFAR-100 pickles (``cifar100``),
 on small trees and pickles written here."""
 
 from __future__ import annotations

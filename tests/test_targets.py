@@ -122,7 +122,7 @@ def test_store_and_live_paths_give_identical_losses(tmp_path):
     runner.data = runner._load_data()
     from crossmodal_kd.engine.trainer import StageTrainer
 
-    trainer = StageTrainer(runner, 2, cfg.stages[2], tmp_path / "run" / "stages" / "kd")
+    trainer = StageTrainer(runner.env, 2, cfg.stages[2], tmp_path / "run" / "stages" / "kd")
     trainer._build()
     assert trainer.targets["build_s"] == 0.0  # a complete table of this teacher and data is reused
     core = trainer.core

@@ -1,4 +1,4 @@
-"""Views (SPEC 4): derived image modalities with the intended frequency content, applied by the engine."""
+"""Views (Zhang et al., TMKD, arXiv 2603.24208): derived image modalities with the intended frequency content, applied by the engine."""
 
 from __future__ import annotations
 

@@ -40,7 +40,8 @@ from crossmodal_kd.data import EpochSampler, build_dataset, collate_batch
 from crossmodal_kd.data.base import DataError
 from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.engine.trainer import build_training, make_accelerator, train_step
-from crossmodal_kd.registry import import_plugins
+from crossmodal_kd.params import parameters
+from crossmodal_kd.registry import DATASETS, import_plugins
 
 DEFAULT_CONFIG = "configs/cremad/student_only.yaml"
 
@@ -134,9 +135,8 @@ def run(args: argparse.Namespace, tmp: Path) -> str:
                         frame_size=(360, 480))
         cfg.data.root = str(tmp)
     batch_size = args.batch_size or cfg.data.batch_size
-    family = build_dataset(cfg.data.name, cfg.data.root, cfg.data.params)
     modes = {"as configured": {}}
-    if hasattr(family, "cache"):
+    if "cache" in {p.name for p in parameters(DATASETS.get(cfg.data.name))}:  # families with a decoded-array cache
         modes = {"cached arrays": {"cache": True}, "decoded per sample": {"cache": False}}
     why = {"cached arrays": " (decodes every clip into the cache)",
            "decoded per sample": " (decodes the training clips once for the normalisation statistics)"}

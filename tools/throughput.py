@@ -40,7 +40,7 @@ from accelerate.utils import set_seed
 
 from crossmodal_kd import load_components
 from crossmodal_kd.config import Component, ConfigError, RunConfig, StageConfig, load_config
-from crossmodal_kd.data import ArrayDataset, build_dataset, collate_batch
+from crossmodal_kd.data import ArrayDataset, DataError, build_dataset, collate_batch
 from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.models.io import model_path, save_model
 from crossmodal_kd.engine.trainer import build_training, make_accelerator, train_step
@@ -74,11 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def input_spec(cfg: RunConfig, shapes: str | None, num_classes: int | None) -> tuple[dict[str, tuple[int, ...]], int]:
-    """Input shapes and class count: from ``--shapes``/``--num-classes`` or the dataset's recipe (no data read)."""
+    """Input shapes and class count: from ``--shapes``/``--num-classes`` or the dataset family's
+    ``input_spec()`` (no splits loaded; a file-backed family may read its listing or one file)."""
     if shapes is None or num_classes is None:
         family = build_dataset(cfg.data.name, cfg.data.root, cfg.data.params)
-        if not hasattr(family, "input_spec"):
-            raise ConfigError(f"dataset '{cfg.data.name}' cannot tell its input shapes without loading; pass --shapes and --num-classes")
         default_shapes, default_classes = family.input_spec()
     parsed = dict(default_shapes) if shapes is None else {}
     for item in (shapes or "").split(","):
@@ -303,7 +302,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         rows = run(argv)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_table(rows))

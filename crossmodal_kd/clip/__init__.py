@@ -1,4 +1,4 @@
-"""The WordNet-relaxed CLIP teacher's foundation (SPEC 3): offline WordNet, CLIP backends, the noun pool.
+"""The WordNet-relaxed CLIP teacher's foundation (Guo et al., arXiv 2503.24017): offline WordNet, CLIP backends, the noun pool.
 
 - :mod:`~crossmodal_kd.clip.wordnet`: ``load_wordnet()``, nltk's reader, prepared offline from the
   Debian WordNet database when nltk has no data.

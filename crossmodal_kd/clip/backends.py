@@ -12,7 +12,7 @@ Registered backends (``CLIP_BACKENDS``):
     ``crossmodal_kd/clip/model_configs`` (``tiny_open_clip``: builds offline in a second).
 
 ``text_aligned``
-    The offline stand-in for CLIP (pretrained CLIP weights cannot be fetched here, SPEC 7): a real
+    The offline stand-in for CLIP (pretrained CLIP weights cannot be fetched on an offline machine): a real
     pretrained text encoder (``text_model``, default ``minilm`` = all-MiniLM-L6-v2, mean-pooled,
     frozen) and an image network trained into its space on the *training split* with the text tower
     locked (LiT-style), by an ``align_to_text`` stage; ``image_model`` is that stage's saved model
@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossmodal_kd.io import sha256_file
+from crossmodal_kd.models.frozen import FrozenHolder
 from crossmodal_kd.models.aligned import TextAlignedImageNet, TextTower, text_model_id
 from crossmodal_kd.models.io import load_model
 from crossmodal_kd.registry import CLIP_BACKENDS
@@ -71,7 +72,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
 
-class ClipBackend(nn.Module):
+class ClipBackend(FrozenHolder):
     """Base class: preprocessing, batching and normalisation around two encoder hooks.
 
     Subclasses call ``super().__init__`` with the model's input ``image_size`` and normalisation
@@ -217,7 +218,7 @@ class OpenClipBackend(ClipBackend):
             input_mean=input_mean,
             input_std=input_std,
         )
-        self.model = model.eval()
+        self.hold_frozen("model", model)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.embed_dim = int(arch["embed_dim"])
         arch_hash = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:10]
@@ -359,7 +360,7 @@ class TextAlignedBackend(ClipBackend):
                     f"text_aligned backend: {param}={value!r}, but {image_model} was aligned to {key}={aligned[key]!r}"
                 )
         super().__init__(image_size=net.input_shape[-2:], input_mean=None, input_std=None)
-        self.image_net = net.eval().requires_grad_(False)
+        self.hold_frozen("image_net", net)
         self.text_spec = {**aligned, "allow_download": allow_download}
         self._text_tower = None
         self.embed_dim = net.embed_dim
@@ -367,9 +368,6 @@ class TextAlignedBackend(ClipBackend):
             f"text_aligned:{aligned['model']}:{text_model_id(aligned['model'])}:"
             f"{aligned['pooling']}:{aligned['max_length']}"
         )
-
-    def train(self, mode: bool = True) -> "TextAlignedBackend":
-        return super().train(False)  # a frozen encoder: never dropout / batch-norm updates
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """The dataset's tensors on the backend's device, float; shape checked against the image network."""
@@ -386,6 +384,5 @@ class TextAlignedBackend(ClipBackend):
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
         if self._text_tower is None:
-
-            self._text_tower = TextTower(**self.text_spec).to(self.device)  # a submodule: moves with .to()
+            self.hold_frozen("_text_tower", TextTower(**self.text_spec).to(self.device))  # follows .to() from now on
         return self._text_tower(texts)

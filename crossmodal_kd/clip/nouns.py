@@ -1,6 +1,6 @@
 """The WordNet noun pool of the relaxed CLIP teacher: nouns, their prompt embeddings, image-aware filtering.
 
-Pipeline (SPEC 3): :func:`noun_pool` picks WordNet nouns and drops the class names and their WordNet
+Pipeline (Guo et al., arXiv 2503.24017): :func:`noun_pool` picks WordNet nouns and drops the class names and their WordNet
 synonyms (so the teacher never reads its label); :func:`noun_embeddings` encodes each noun under
 several prompt templates with a :class:`~crossmodal_kd.clip.backends.ClipBackend`, averages and
 re-normalises, caching the result on disk; :func:`filter_nouns_by_images` keeps the nouns nearest to
@@ -39,7 +39,7 @@ PAPER_TEMPLATES = (
     "art of the {}.",
     "a photo of the small {}.",
 )
-"""The 7 templates of Guo et al. (SPEC 3)."""
+"""The 7 templates of Guo et al. (Guo et al., arXiv 2503.24017)."""
 
 
 @dataclass
@@ -89,7 +89,7 @@ def tree_nouns(roots: Sequence[str], depth: int | None = None, wn=None) -> list[
 
 
 def class_tree_nouns(class_names: Sequence[str], depth: int = 1, wn=None) -> list[str]:
-    """The WordNet neighbourhood of the classes (SPEC 3's tree pool): for every noun sense of every class
+    """The WordNet neighbourhood of the classes (the tree pool of Guo et al.): for every noun sense of every class
     name, its synonyms, hypernyms and hyponyms up to ``depth`` levels; lower case, sorted, de-duplicated."""
     wn = wn or load_wordnet()
     synsets = set()
@@ -304,7 +304,7 @@ def filter_nouns_by_images(
     """Image-aware noun filtering: spherical k-means on the image embeddings (N, D), then per centre
     the ``top_m`` most similar nouns; at most ``k * top_m`` nouns.
 
-    ``mode="assign"`` (the paper, SPEC 3): every noun belongs to its most similar centre, and each
+    ``mode="assign"`` (the paper, Guo et al.): every noun belongs to its most similar centre, and each
     centre keeps its ``top_m`` best (a centre that owns no noun keeps none). ``mode="nearest"``: each
     centre takes its ``top_m`` nearest nouns of the whole pool; the union is kept. Output order:
     by centre, then by similarity (most similar first), first occurrence only.

@@ -1,4 +1,4 @@
-"""T_x, the WordNet-relaxed CLIP teacher (SPEC 3), as a network of the zoo: ``relaxed_clip``.
+"""T_x, the WordNet-relaxed CLIP teacher (Guo et al., arXiv 2503.24017), as a network of the zoo: ``relaxed_clip``.
 
 For an image, a frozen CLIP backend gives its unit-norm embedding ``v``. The relaxed text embedding is a
 soft mixture of the noun rows ``N`` (M, D) (WordNet nouns chosen by the ``wordnet_clip`` method; never

@@ -21,12 +21,12 @@ TEXT_GUIDED_PROMPTS = (
     "an edge enhanced image of a {}.",
     "a high-frequency enhanced image of a {}.",
 )
-"""TMKD's prior-aware prompts for the views RGB, edge-enhanced and high-frequency, in that order (SPEC 4)."""
+"""TMKD's prior-aware prompts for the views RGB, edge-enhanced and high-frequency, in that order (Zhang et al., TMKD, arXiv 2603.24208)."""
 
 
 @ROUTERS.register("text_guided")
 class TextGuidedRouter(FrozenHolder, Router):
-    """TMKD's text teacher (SPEC 4): per-instance view weights from a frozen CLIP backend.
+    """TMKD's text teacher (Zhang et al., TMKD, arXiv 2603.24208): per-instance view weights from a frozen CLIP backend.
 
     For a sample of class ``c`` and its views ``x_v`` (the modalities ``views``, in order)::
 

@@ -1,7 +1,7 @@
 """Checksummed array folders: one ``.npy`` per array plus ``manifest.json``, written atomically.
 
-Every generated or decoded dataset cache (``avdigits``, ``textdigits``, the ``cremad`` decoding cache)
-is such a folder. It is written into a temporary sibling and renamed into place, so an interrupted
+Every generated or decoded dataset cache (``avdigits``, ``textdigits``, and the ``cremad`` and
+``imagefolder`` decoding caches of :mod:`~crossmodal_kd.data.decoded_cache`) is such a folder. It is written into a temporary sibling and renamed into place, so an interrupted
 build never leaves a half-written folder; :func:`verify_array_folder` checks each file against the
 manifest (presence, shape, dtype, size, sha256) and names the first bad one; :func:`content_problems`
 checks what a valid folder holds (labels, NaN/inf, empty splits).

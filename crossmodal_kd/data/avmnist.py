@@ -21,6 +21,7 @@ from crossmodal_kd.data.base import (
     carve_validation,
     check_finite,
     check_labels,
+    files_checksum,
     load_npy,
     raise_problems,
 )
@@ -28,6 +29,13 @@ from crossmodal_kd.registry import DATASETS
 
 IMAGE_SIDE = 28
 AUDIO_SIDE = 112
+INPUT_SHAPES = {"image": (1, IMAGE_SIDE, IMAGE_SIDE), "audio": (1, AUDIO_SIDE, AUDIO_SIDE)}
+
+
+def split_files(split: str) -> dict[str, tuple[str, int]]:
+    """``{array: (path relative to <root>/avmnist, ndim)}`` of one split's three files."""
+    return {"image": (f"image/{split}_data.npy", 2), "audio": (f"audio/{split}_data.npy", 3),
+            "label": (f"{split}_labels.npy", 1)}
 
 
 @DATASETS.register("avmnist")
@@ -48,6 +56,15 @@ class AVMNIST:
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.num_classes = num_classes
+
+    def input_spec(self) -> tuple[dict[str, tuple[int, ...]], int]:
+        """``(input_shapes, num_classes)``: the layout's fixed shapes, the declared classes; reads nothing."""
+        return dict(INPUT_SHAPES), self.num_classes
+
+    def fingerprint(self) -> dict[str, str]:
+        """sha256 over the six files' names and contents."""
+        names = [name for split in ("train", "test") for name, _ in split_files(split).values()]
+        return {"checksum": files_checksum(self.path, names)}
 
     def check(self) -> list[str]:
         """Every problem of the six files (missing, unreadable, shapes, row counts, labels, NaN/inf), by path."""
@@ -73,16 +90,12 @@ class AVMNIST:
             test=make(test_img, test_aud, test_y),
             num_classes=self.num_classes,
             class_names=[str(i) for i in range(self.num_classes)],
-            input_shapes={"image": (1, IMAGE_SIDE, IMAGE_SIDE), "audio": (1, AUDIO_SIDE, AUDIO_SIDE)},
+            input_shapes=dict(INPUT_SHAPES),
         )
 
     def _read_split(self, split: str) -> tuple[tuple[np.ndarray, ...], list[str]]:
         """``((images, spectrograms, labels), problems)``; the arrays are only usable when there are no problems."""
-        paths = {
-            "image": (self.path / "image" / f"{split}_data.npy", 2),
-            "audio": (self.path / "audio" / f"{split}_data.npy", 3),
-            "label": (self.path / f"{split}_labels.npy", 1),
-        }
+        paths = {key: (self.path / name, ndim) for key, (name, ndim) in split_files(split).items()}
         arrays: dict[str, np.ndarray] = {}
         problems: list[str] = []
         for key, (path, ndim) in paths.items():

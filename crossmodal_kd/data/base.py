@@ -14,6 +14,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
+from crossmodal_kd.io import sha256_file
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -27,11 +29,22 @@ class DataError(RuntimeError):
 
 @runtime_checkable
 class DatasetFamily(Protocol):
-    """What every registered dataset family provides; ``check()`` lists problems, each naming its file."""
+    """What every registered dataset family provides, and all the rest of the code calls on one
+    (:func:`crossmodal_kd.data.build_dataset` refuses a family that lacks any of it)."""
 
-    def load(self) -> DataSplits: ...
+    def load(self) -> DataSplits:
+        """The train/val/test splits; :class:`DataError` naming the file at fault."""
 
-    def check(self) -> list[str]: ...
+    def check(self) -> list[str]:
+        """Every problem of the data, each naming its file (empty when there are none)."""
+
+    def input_spec(self) -> tuple[dict[str, tuple[int, ...]], int]:
+        """``(input_shapes, num_classes)`` without loading the splits (at most a listing or a small read)."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """JSON identity of the data beyond the family's parameters (which run fingerprints hold beside it):
+        file checksums, cache recipe, generator version; a resume refuses other data. A family built on
+        first use answers once it is built."""
 
 
 @runtime_checkable
@@ -194,6 +207,18 @@ def load_npy(path: Path, *, ndim: int | None = None, mmap: bool = False) -> np.n
     if ndim is not None and arr.ndim != ndim:
         raise DataError(f"{path}: expected a {ndim}-D array, got shape {tuple(arr.shape)}")
     return arr
+
+
+def files_checksum(base: Path, names: Sequence[str]) -> str:
+    """sha256 over the name (relative to ``base``) and sha256 of each file: the identity of data files
+    that come without a manifest; :class:`DataError` naming a missing file."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = base / name
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        digest.update(f"{name}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def params_key(params: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -48,10 +48,10 @@ from crossmodal_kd.data.base import (
     describe_rows,
     nonfinite_rows,
     parallel_map,
-    load_npy,
     params_key,
+    raise_problems,
 )
-from crossmodal_kd.data.array_folder import CorruptDatasetError, verify_array_folder, write_array_folder
+from crossmodal_kd.data.decoded_cache import DecodedCache
 from crossmodal_kd.io import atomic_write_json
 from crossmodal_kd.registry import DATASETS
 
@@ -262,10 +262,15 @@ class CremaD:
         self.workers = decode_workers or min(8, os.cpu_count() or 1)
         self.progress = progress
         self.cache_dir = self.base / ".cache" / params_key({"version": CACHE_VERSION, **asdict(self.params)})
+        self.decoded = DecodedCache(self.cache_dir, "cremad", MODALITIES)
 
     def input_spec(self) -> tuple[dict[str, tuple[int, ...]], int]:
         """``(input_shapes, num_classes)`` from the decoding parameters, without reading any file."""
         return self.params.shapes(), len(CLASS_NAMES)
+
+    def fingerprint(self) -> dict[str, str]:
+        """The decoding cache's identity (decoding parameters, clip lists), the same with ``cache: false``."""
+        return self.decoded.fingerprint(self._source(self._rows(self._lists())))
 
     # ---- checking
     def check(self) -> list[str]:
@@ -291,6 +296,17 @@ class CremaD:
         except DataError as exc:
             problems.append(str(exc))
         return problems
+
+    def _lists(self) -> dict[str, list[Clip]]:
+        """The train and test clip lists; :class:`DataError` with the first problem of the csvs."""
+        lists, problems = self._read_lists()
+        raise_problems(problems, "cremad")
+        return lists
+
+    @staticmethod
+    def _rows(lists: dict[str, list[Clip]]) -> list[Clip]:
+        """Every listed clip, train then test: the rows of the cache."""
+        return lists["train"] + lists["test"]
 
     def _read_lists(self) -> tuple[dict[str, list[Clip]], list[str]]:
         """``({"train": clips, "test": clips}, problems)``; a clip listed twice keeps its first row."""
@@ -327,22 +343,17 @@ class CremaD:
 
     # ---- loading
     def load(self) -> DataSplits:
-        lists, problems = self._read_lists()
-        if problems:
-            raise DataError(problems[0])
+        lists = self._lists()
         train_y = np.array([c.label for c in lists["train"]])
         keep, val = carve_validation(train_y, self.val_fraction, self.split_seed, self.base / "train.csv", "clips")
         parts = {"train": [lists["train"][i] for i in keep], "val": [lists["train"][i] for i in val], "test": lists["test"]}
-        if self.cache:
-            datasets = self._cached_datasets(lists["train"] + lists["test"], parts)
-        else:
-            datasets = self._lazy_datasets(lists["train"] + lists["test"], parts)
+        datasets = (self._cached_datasets if self.cache else self._lazy_datasets)(self._rows(lists), parts)
         return DataSplits(
             **datasets, num_classes=len(CLASS_NAMES), class_names=list(CLASS_NAMES), input_shapes=self.params.shapes()
         )
 
     def _cached_datasets(self, clips: list[Clip], parts: dict[str, list[Clip]]) -> dict[str, Dataset]:
-        arrays = self._cached_arrays([c.name for c in clips])
+        arrays = self.decoded.load(self._source(clips), partial(self._decode, clips))
         row = {c.name: i for i, c in enumerate(clips)}
         train_rows = [row[c.name] for c in parts["train"]]
         normalise = Normaliser(
@@ -384,45 +395,24 @@ class CremaD:
         """Decode every listed clip into the cache (unless a valid one exists); returns its folder."""
         if progress is not None:
             self.progress = progress
-        lists, problems = self._read_lists()
-        if problems:
-            raise DataError(problems[0])
-        names = [c.name for split in lists.values() for c in split]
-        if force or self._cache_problem(names):
-            self._build_cache(names)
-        return self.cache_dir
+        clips = self._rows(self._lists())
+        return self.decoded.build(self._source(clips), partial(self._decode, clips), force=force)
 
-    def _cached_arrays(self, names: list[str]) -> dict[str, np.ndarray]:
-        problem = self._cache_problem(names)
-        if problem is None:
-            return {m: load_npy(self.cache_dir / f"{m}.npy") for m in MODALITIES}
-        if (self.cache_dir / "manifest.json").is_file():
-            log.warning("%s; rebuilding the cache", problem)
-        return self._build_cache(names)
+    def _source(self, clips: list[Clip]) -> dict[str, Any]:
+        """What the cache is decoded from: the decoding parameters and the clip names, in row order."""
+        return {"version": CACHE_VERSION, "params": asdict(self.params), "clips": [c.name for c in clips]}
 
-    def _cache_problem(self, names: list[str]) -> str | None:
-        """Why the cache cannot be used as is (``None`` when it can)."""
-        try:
-            manifest = verify_array_folder(self.cache_dir, "cremad", MODALITIES)
-        except CorruptDatasetError as exc:
-            return str(exc)
-        if manifest.get("params") != asdict(self.params) or manifest.get("clips") != names:
-            return f"{self.cache_dir / 'manifest.json'}: cache made for other parameters or clip lists"
-        return None
-
-    def _build_cache(self, names: list[str]) -> dict[str, np.ndarray]:
+    def _decode(self, clips: list[Clip]) -> dict[str, np.ndarray]:
         shapes = self.params.shapes()
         arrays = {
-            "image": np.empty((len(names), *shapes["image"]), dtype=np.uint8),
-            "audio": np.empty((len(names), *shapes["audio"]), dtype=np.float16),
+            "image": np.empty((len(clips), *shapes["image"]), dtype=np.uint8),
+            "audio": np.empty((len(clips), *shapes["audio"]), dtype=np.float16),
         }
-        decode = lambda name: decode_clip(self.base, name, self.params)  # noqa: E731
-        for i, (frames, mel) in enumerate(parallel_map(decode, names, "cremad: decoding", self.workers, self.progress)):
+        decode = lambda clip: decode_clip(self.base, clip.name, self.params)  # noqa: E731
+        decoded = parallel_map(decode, clips, "cremad: decoding", self.workers, self.progress)
+        for i, (frames, mel) in enumerate(decoded):
             arrays["image"][i], arrays["audio"][i] = frames, mel
-        manifest = {"name": "cremad", "version": CACHE_VERSION, "params": asdict(self.params), "clips": names}
-        write_array_folder(self.cache_dir, arrays, manifest)
         return arrays
-
 
 
 def synthesise_tree(

@@ -26,6 +26,7 @@ from crossmodal_kd.data.base import (
     DataSplits,
     check_finite,
     check_labels,
+    files_checksum,
     raise_problems,
     stratified_split,
 )
@@ -60,6 +61,16 @@ class Features:
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.split_seed, self.normalize = split_seed, normalize
         self.num_classes = num_classes
+
+    def input_spec(self) -> tuple[dict[str, tuple[int, ...]], int]:
+        """``(input_shapes, num_classes)`` of the file's feature arrays (read and checked, not split)."""
+        raw = self._read()
+        raise_problems(self._problems(raw), "features")
+        return {m: tuple(raw[m].shape[1:]) for m in self._feature_keys(raw)}, self._declared_classes(raw)
+
+    def fingerprint(self) -> dict[str, str]:
+        """sha256 of the file's name and contents."""
+        return {"checksum": files_checksum(self.path.parent, [self.path.name])}
 
     def check(self) -> list[str]:
         try:

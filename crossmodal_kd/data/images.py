@@ -1,4 +1,5 @@
-"""Image classification sets for TMKD (SPEC 6): ImageFolder trees (``imagefolder``) and CIFAR-100 (``cifar100``).
+"""Image classification sets for TMKD (Zhang et al., arXiv 2603.24208): ImageFolder trees (``imagefolder``)
+and CIFAR-100 (``cifar100``).
 
 Samples are ``{"image": (3, S, S) float32, "label", "index"}``, z-scored per RGB channel with the mean and
 std (in [0, 1] pixel units) of the *training* part only; the family object keeps them as ``stats`` after
@@ -37,7 +38,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from crossmodal_kd.data.array_folder import CorruptDatasetError, verify_array_folder, write_array_folder
 from crossmodal_kd.data.base import (
     DataError,
     DataSplits,
@@ -45,10 +45,12 @@ from crossmodal_kd.data.base import (
     carve_validation,
     check_labels,
     decode_rgb,
+    files_checksum,
     parallel_map,
-    load_npy,
     params_key,
+    raise_problems,
 )
+from crossmodal_kd.data.decoded_cache import DecodedCache
 from crossmodal_kd.registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -146,9 +148,31 @@ class ImageFolder:
         self.workers = decode_workers or min(8, os.cpu_count() or 1)
         self.progress = progress
         self.cache_dir = self.base / ".cache" / params_key({"version": CACHE_VERSION, "image_size": self.image_size})
+        self.decoded = DecodedCache(self.cache_dir, "imagefolder", ("images",))
         self.stats: dict[str, list[float]] | None = None
 
+    def input_spec(self) -> tuple[dict[str, tuple[int, ...]], int]:
+        """``(input_shapes, num_classes)`` from ``image_size`` and the train class folders; decodes nothing."""
+        classes, _ = self._tree()
+        return {"image": (3, self.image_size, self.image_size)}, len(classes)
+
+    def fingerprint(self) -> dict[str, str]:
+        """The decoding cache's identity: ``image_size``, the classes and every file with its size."""
+        return self.decoded.fingerprint(self._source(*self._tree()))
+
     # ---- the tree
+    def _tree(self) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+        """``(class folders, {split: [(path relative to the base, label)]})``; :class:`DataError` with the
+        first problem."""
+        classes, files, problems = self._scan()
+        raise_problems(problems, "imagefolder")
+        return classes, files
+
+    @staticmethod
+    def _rows(files: dict[str, list[tuple[str, int]]]) -> list[tuple[str, str, int]]:
+        """``(split, path relative to the base, label)`` of every image, in the order of the cache's rows."""
+        return [(split, rel, label) for split in SPLITS for rel, label in files.get(split, [])]
+
     def _scan(self) -> tuple[list[str], dict[str, list[tuple[str, int]]], list[str]]:
         """``(class folders, {split: [(path relative to the base, label)]}, problems)``; a missing ``val`` is no problem."""
         problems: list[str] = []
@@ -197,13 +221,9 @@ class ImageFolder:
 
     # ---- loading
     def load(self) -> DataSplits:
-        classes, files, problems = self._scan()
-        if problems:
-            more = f" (and {len(problems) - 1} more; `crossmodal-kd data check imagefolder` lists them)" if len(problems) > 1 else ""
-            raise DataError(problems[0] + more)
-        listing = [(split, rel) for split in SPLITS for rel, _ in files.get(split, [])]
-        images = self._cached_images(listing, classes)
-        labels = np.array([label for split in SPLITS for _, label in files.get(split, [])], dtype=np.int64)
+        classes, files = self._tree()
+        images = self.decoded.load(self._source(classes, files), partial(self._decode, files))["images"]
+        labels = np.array([label for _, _, label in self._rows(files)], dtype=np.int64)
         rows: dict[str, np.ndarray] = {}
         offset = 0
         for split in SPLITS:
@@ -222,46 +242,21 @@ class ImageFolder:
         """Decode every image into the cache (unless a valid one exists); returns its folder."""
         if progress is not None:
             self.progress = progress
-        classes, files, problems = self._scan()
-        if problems:
-            raise DataError(problems[0])
-        listing = [(split, rel) for split in SPLITS for rel, _ in files.get(split, [])]
-        if force or self._cache_problem(listing, classes):
-            self._build_cache(listing, classes)
-        return self.cache_dir
+        classes, files = self._tree()
+        return self.decoded.build(self._source(classes, files), partial(self._decode, files), force=force)
 
-    def _manifest(self, listing: list[tuple[str, str]], classes: list[str]) -> dict[str, Any]:
-        """What the cache must have been made from: parameters, classes and every file with its size."""
-        tree = [[split, rel, (self.base / rel).stat().st_size] for split, rel in listing]
-        return {"name": "imagefolder", "version": CACHE_VERSION, "image_size": self.image_size, "classes": classes, "tree": tree}
+    def _source(self, classes: list[str], files: dict[str, list[tuple[str, int]]]) -> dict[str, Any]:
+        """What the cache is decoded from: parameters, classes, every file (in row order) with its size."""
+        tree = [[split, rel, (self.base / rel).stat().st_size] for split, rel, _ in self._rows(files)]
+        return {"version": CACHE_VERSION, "image_size": self.image_size, "classes": classes, "tree": tree}
 
-    def _cached_images(self, listing: list[tuple[str, str]], classes: list[str]) -> np.ndarray:
-        problem = self._cache_problem(listing, classes)
-        if problem is None:
-            return load_npy(self.cache_dir / "images.npy", ndim=4)
-        if (self.cache_dir / "manifest.json").is_file():
-            log.warning("%s; rebuilding the cache", problem)
-        return self._build_cache(listing, classes)
-
-    def _cache_problem(self, listing: list[tuple[str, str]], classes: list[str]) -> str | None:
-        """Why the cache cannot be used as is (``None`` when it can)."""
-        try:
-            manifest = verify_array_folder(self.cache_dir, "imagefolder", ("images",))
-        except CorruptDatasetError as exc:
-            return str(exc)
-        if any(manifest.get(k) != v for k, v in self._manifest(listing, classes).items()):
-            return f"{self.cache_dir / 'manifest.json'}: cache made for other parameters or another tree"
-        return None
-
-    def _build_cache(self, listing: list[tuple[str, str]], classes: list[str]) -> np.ndarray:
-        images = np.empty((len(listing), 3, self.image_size, self.image_size), dtype=np.uint8)
-        paths = [self.base / rel for _, rel in listing]
+    def _decode(self, files: dict[str, list[tuple[str, int]]]) -> dict[str, np.ndarray]:
+        paths = [self.base / rel for _, rel, _ in self._rows(files)]
+        images = np.empty((len(paths), 3, self.image_size, self.image_size), dtype=np.uint8)
         decode = partial(decode_image, size=self.image_size)
         for i, image in enumerate(parallel_map(decode, paths, "imagefolder: decoding", self.workers, self.progress)):
             images[i] = image
-        write_array_folder(self.cache_dir, {"images": images}, self._manifest(listing, classes))
-        return images
-
+        return {"images": images}
 
 
 @DATASETS.register("cifar100")
@@ -277,6 +272,14 @@ class Cifar100:
         self.base = Path(root) / subdir
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.stats: dict[str, list[float]] | None = None
+
+    def input_spec(self) -> tuple[dict[str, tuple[int, ...]], int]:
+        """``(input_shapes, num_classes)``: 32 x 32 RGB and the classes ``meta`` names (the only file read)."""
+        return {"image": (3, self.side, self.side)}, len(self._class_names())
+
+    def fingerprint(self) -> dict[str, str]:
+        """sha256 over the three pickles' names and contents."""
+        return {"checksum": files_checksum(self.base, ["train", "test", "meta"])}
 
     def check(self) -> list[str]:
         problems = []

@@ -7,6 +7,10 @@ is imperfect and the pair is better than either.
 
 from __future__ import annotations
 
+import inspect
+import json
+from typing import Any
+
 import torch
 
 from crossmodal_kd.data.base import (
@@ -18,6 +22,8 @@ from crossmodal_kd.data.base import (
     raise_problems,
 )
 from crossmodal_kd.registry import DATASETS
+
+GENERATOR_VERSION = 1  # bump when _generate() makes other data from the same parameters
 
 
 @DATASETS.register("synthetic")
@@ -48,6 +54,13 @@ class Synthetic:
     def input_spec(self) -> tuple[dict[str, tuple[int, ...]], int]:
         """``(input_shapes, num_classes)`` without generating the data."""
         return dict(self.shapes), self.num_classes
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Generator version and default parameters: with the given parameters (``data.params``, in every run
+        fingerprint already) they fix the data, so a changed default or generator is noticed."""
+        defaults = {name: p.default for name, p in inspect.signature(type(self).__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        return {"version": GENERATOR_VERSION, "defaults": json.loads(json.dumps(defaults))}
 
     def check(self) -> list[str]:
         """Problems of the generated splits: an empty one, NaN/inf (e.g. from ``noise: .nan``), labels off range."""

@@ -139,6 +139,10 @@ class TextDigits:
             shutil.rmtree(self.path)
         return build_textdigits(self.path, seed=self.seed, **self.recipe)
 
+    def input_spec(self) -> tuple[dict[str, tuple[int, ...]], int]:
+        """``(input_shapes, num_classes)``: 28 x 28 images, ``max_length`` token ids; builds nothing."""
+        return {"image": (1, 28, 28), "text": (self.max_length,)}, len(CLASS_NAMES)
+
     def fingerprint(self) -> dict[str, str]:
         """Recipe (cache folder name) and content checksum of the built cache, for run fingerprints."""
         return {"cache": self.path.name, "checksum": array_folder_checksum(self.path)}

@@ -14,7 +14,6 @@ which were trained on the full teacher; only the network's weights are swapped p
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import random
@@ -66,20 +65,20 @@ def source_stage(call: TeacherCall) -> tuple[str, str]:
 def fill_out_of_fold(trainer: Any, k: int) -> dict[str, Any]:
     """Train the K fold copies of every teacher stage of ``trainer``'s served calls (reused when already
     trained) and replace each call's training table by the out-of-fold outputs. Returns what was done."""
-    runner, acc = trainer.runner, trainer.acc
+    env, acc = trainer.env, trainer.acc
     calls = [c for c in trainer.calls.values() if "train" in c.tables]
     if not calls:
         return {}
-    train = runner.data.train
+    train = env.data.train
     labels = np.asarray(train.labels)
     groups = getattr(train, "groups", None)
-    folds = fold_assignment(labels, None if groups is None else np.asarray(groups), k, runner.cfg.seed)
+    folds = fold_assignment(labels, None if groups is None else np.asarray(groups), k, env.cfg.seed)
     info: dict[str, Any] = {"k": k, "grouped": groups is not None, "stages": {}}
     started = time.perf_counter()
-    store = TargetStore(Path(runner.run_dir) / "targets", acc.device)
+    store = TargetStore(Path(env.run_dir) / "targets", acc.device)
     for call in calls:
         stage_name, model = source_stage(call)
-        stage = runner.cfg.stage(stage_name)
+        stage = env.cfg.stage(stage_name)
         identity = {"cross_fit": k, "folds": folds.tolist(), "teacher_stage": stage.model_dump(mode="json")}
         table = store.table(call, "train", train, {"base": call.tables["train"].key, **identity})
         if main_decides(acc, not table.complete):  # every rank trains the folds, or none does
@@ -103,23 +102,23 @@ def train_fold(trainer: Any, stage: Any, fold: int, train_idx: np.ndarray, model
     """Stage ``stage`` trained on ``train_idx`` under ``<run>/crossfit/<stage>/fold<k>``; the model file.
     Reused when that fold has finished before (``result.json``). The caller's random state is kept.
     ``trainer``: the stage trainer that needs the targets; the fold copy is trained by one of its kind."""
-    runner = trainer.runner
-    depends = direct_dependencies(runner.cfg)[stage.name]
+    env = trainer.env
+    depends = direct_dependencies(env.cfg)[stage.name]
     if depends:
         raise ConfigError(f"targets.cross_fit: teacher stage '{stage.name}' depends on stage(s) {', '.join(depends)}; "
                           "only stages trained from scratch can be cross-fitted")
-    fold_dir = Path(runner.run_dir) / "crossfit" / stage.name / f"fold{fold}"
+    fold_dir = Path(env.run_dir) / "crossfit" / stage.name / f"fold{fold}"
     path = model_path(fold_dir, stage.name, model)
     if (stage_dir(fold_dir, stage.name) / "result.json").is_file() and path.is_file():
         return path
-    fold_runner = copy.copy(runner)
-    fold_runner.run_dir = fold_dir
-    fold_runner.data = dataclasses.replace(runner.data, train=Subset(runner.data.train, train_idx.tolist()))
+    fold_env = dataclasses.replace(
+        env, run_dir=fold_dir, data=dataclasses.replace(env.data, train=Subset(env.data.train, train_idx.tolist()))
+    )
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    set_seed(stage_seed(runner.cfg.seed, f"{stage.name}/fold{fold}"))
-    index = [s.name for s in runner.cfg.stages].index(stage.name)
+    set_seed(stage_seed(env.cfg.seed, f"{stage.name}/fold{fold}"))
+    index = [s.name for s in env.cfg.stages].index(stage.name)
     log.info("cross-fitting: training %s on folds other than %d", stage.name, fold)
-    type(trainer)(fold_runner, index, stage, stage_dir(fold_dir, stage.name)).train()
+    type(trainer)(fold_env, index, stage, stage_dir(fold_dir, stage.name)).train()
     random.setstate(states[0])
     np.random.set_state(states[1])
     torch.set_rng_state(states[2])
@@ -128,15 +127,15 @@ def train_fold(trainer: Any, stage: Any, fold: int, train_idx: np.ndarray, model
 
 def _fill_fold(call: TeacherCall, table: TargetTable, fold_model: torch.nn.Module, rows: np.ndarray, trainer: Any) -> None:
     """Rows ``rows`` of ``table`` from ``call`` with its network's weights replaced by ``fold_model``'s."""
-    runner, acc = trainer.runner, trainer.acc
+    env, acc = trainer.env, trainer.acc
     network = call.module
     original = {k: v.detach().clone() for k, v in network.state_dict().items()}
     network.load_state_dict(fold_model.state_dict())
     try:
-        loader = DataLoader(Subset(runner.data.train, rows.tolist()), batch_size=runner.cfg.data.eval_batch_size,
+        loader = DataLoader(Subset(env.data.train, rows.tolist()), batch_size=env.cfg.data.eval_batch_size,
                             shuffle=False, collate_fn=collate_batch)
         with acc.autocast():
-            TargetStore.fill([(call, table)], (runner.views({k: v.to(acc.device) for k, v in b.items()}) for b in loader))
+            TargetStore.fill([(call, table)], (env.views({k: v.to(acc.device) for k, v in b.items()}) for b in loader))
     finally:
         network.load_state_dict(original)
 

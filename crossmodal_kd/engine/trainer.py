@@ -18,13 +18,13 @@ import math
 import platform
 import shutil
 import time
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from crossmodal_kd.config import ConfigError, RunConfig, StageConfig, dump_config
 from crossmodal_kd.data import DataSplits, EpochSampler, build_dataset, collate_batch
 from crossmodal_kd.engine.checkpoint import latest_good_checkpoint, load_trainer_state, save_checkpoint
+from crossmodal_kd.methods.base import Method
 from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.models.io import load_model, model_path, save_model, stage_dir
 from crossmodal_kd.engine.fingerprint import (
@@ -62,17 +63,24 @@ class TrainingError(RuntimeError):
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
-    """A fresh Accelerator for ``cfg`` (the singleton state is reset, the process group kept)."""
-    if AcceleratorState._shared_state:
-        AcceleratorState._reset_state()
+    """An Accelerator for ``cfg``. Accelerate keeps one process-wide state: runs in one process (a
+    benchmark) share its device and precision, and a run asking for another precision is refused clearly."""
     acc = cfg.accelerator
-    accelerator = Accelerator(
-        mixed_precision=acc.mixed_precision,
-        gradient_accumulation_steps=acc.gradient_accumulation_steps,
-        cpu=acc.cpu,
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=acc.find_unused_parameters)],
-    )
+    try:
+        accelerator = Accelerator(
+            mixed_precision=acc.mixed_precision,
+            gradient_accumulation_steps=acc.gradient_accumulation_steps,
+            cpu=acc.cpu,
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=acc.find_unused_parameters)],
+        )
+    except ValueError as exc:
+        if "already been initialized" not in str(exc):
+            raise
+        raise ConfigError(
+            f"accelerator: this process already trained with other accelerator settings; run configs with "
+            f"mixed_precision={acc.mixed_precision!r}, cpu={acc.cpu} in their own process ({' '.join(str(exc).split())})"
+        ) from None
     if acc.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate would silently train in fp32 (it has no fp16 autocast/grad scaler on CPU)
         raise ConfigError(
@@ -125,6 +133,49 @@ def train_step(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return loss, losses
+
+
+@dataclass(frozen=True)
+class StageEnv:
+    """What a stage trains with, handed down by the :class:`Runner`: config, run folder, accelerator, data
+    and views, and the run's flags. Cross-fitting trains a fold copy of a stage in a replaced one."""
+
+    cfg: RunConfig
+    run_dir: Path
+    accelerator: Accelerator
+    data: DataSplits
+    views: ViewSet
+    fast_dev_run: bool = False
+    progress: bool = True
+    resume: bool = False
+
+    def loaders(self, seed: int) -> dict[str, DataLoader]:
+        cfg, data = self.cfg.data, self.data
+        pin = cfg.pin_memory and torch.cuda.is_available()
+        common = {"collate_fn": collate_batch, "num_workers": cfg.num_workers, "pin_memory": pin}
+        return {
+            "train": DataLoader(data.train, batch_size=cfg.batch_size, sampler=EpochSampler(len(data.train), seed), **common),
+            "val": DataLoader(data.val, batch_size=cfg.eval_batch_size, shuffle=False, **common),
+            "test": DataLoader(data.test, batch_size=cfg.eval_batch_size, shuffle=False, **common),
+            # a fixed training batch for methods that size or probe modules (never validation data)
+            "probe": DataLoader(data.train, batch_size=min(cfg.eval_batch_size, 512), shuffle=False, **common),
+        }
+
+
+@dataclass
+class TrainState:
+    """A stage's progress, saved in every checkpoint: the last finished epoch and, per model, the best
+    validation value, its epoch and the weights then (``{value, epoch, state_dict}``)."""
+
+    epoch: int = -1
+    best: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "best": self.best}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> "TrainState":
+        return cls(epoch=int(state["epoch"]), best=dict(state["best"]))
 
 
 class Runner:
@@ -186,8 +237,16 @@ class Runner:
                 log.warning("stage %s has not finished; skipped", stage.name)
                 continue
             set_seed(stage_seed(self.cfg.seed, stage.name))
-            metrics["stages"][stage.name] = StageTrainer(self, index, stage, sdir).evaluate_saved()
+            metrics["stages"][stage.name] = StageTrainer(self.env, index, stage, sdir).evaluate_saved()
         return metrics
+
+    @property
+    def env(self) -> StageEnv:
+        """The environment every stage of this run trains in (the data must be loaded)."""
+        if self.data is None:
+            raise RuntimeError("Runner.env: the data is not loaded yet")
+        return StageEnv(self.cfg, self.run_dir, self.accelerator, self.data, self.views,
+                        self.fast_dev_run, self.progress, self.resume)
 
     def _prepare_run_dir(self) -> None:
         """Check the directory is usable and holds nothing this run must not touch, load the data, check
@@ -285,11 +344,11 @@ class Runner:
         }
 
     def _load_data(self) -> DataSplits:
-        """The data splits; also records the dataset's identity (``fingerprint()``, if the family has one)."""
+        """The data splits; also records the dataset's identity (``fingerprint()``)."""
         family = build_dataset(self.cfg.data.name, self.cfg.data.root, self.cfg.data.params)
         with self.accelerator.main_process_first():
             data = family.load()
-        self.dataset_identity = family.fingerprint() if hasattr(family, "fingerprint") else {}
+        self.dataset_identity = family.fingerprint()
         return data
 
     # ------------------------------------------------------------------ one stage
@@ -302,34 +361,22 @@ class Runner:
         if self.accelerator.is_main_process:  # before the first epoch: what this stage's state will come from
             atomic_write_json(sdir / "fingerprint.json", self.fingerprints[stage.name])
         set_seed(stage_seed(self.cfg.seed, stage.name))
-        return StageTrainer(self, index, stage, sdir).train()
-
-    def loaders(self, seed: int) -> dict[str, DataLoader]:
-        cfg, data = self.cfg.data, self.data
-        pin = cfg.pin_memory and torch.cuda.is_available()
-        common = {"collate_fn": collate_batch, "num_workers": cfg.num_workers, "pin_memory": pin}
-        return {
-            "train": DataLoader(data.train, batch_size=cfg.batch_size, sampler=EpochSampler(len(data.train), seed), **common),
-            "val": DataLoader(data.val, batch_size=cfg.eval_batch_size, shuffle=False, **common),
-            "test": DataLoader(data.test, batch_size=cfg.eval_batch_size, shuffle=False, **common),
-            # a fixed training batch for methods that size or probe modules (never validation data)
-            "probe": DataLoader(data.train, batch_size=min(cfg.eval_batch_size, 512), shuffle=False, **common),
-        }
+        return StageTrainer(self.env, index, stage, sdir).train()
 
 
 class StageTrainer:
     """Trains one stage: build the method, loop over epochs, select on validation, test once at the end."""
 
-    def __init__(self, runner: Runner, index: int, stage: StageConfig, sdir: Path) -> None:
-        self.runner, self.index, self.stage, self.dir = runner, index, stage, sdir
-        self.acc = runner.accelerator
-        self.fast = runner.fast_dev_run
+    def __init__(self, env: StageEnv, index: int, stage: StageConfig, sdir: Path) -> None:
+        self.env, self.index, self.stage, self.dir = env, index, stage, sdir
+        self.acc = env.accelerator
+        self.fast = env.fast_dev_run
         self.epochs = 1 if self.fast else stage.epochs
         self.log_file = sdir / "log.jsonl"
         self.ckpt_root = sdir / "checkpoints"
 
     def _build(self, build_targets: bool = True) -> None:
-        r, stage = self.runner, self.stage
+        r, stage = self.env, self.stage
         loaders = r.loaders(stage_seed(r.cfg.seed, self.stage.name))
         ctx = BuildContext(
             config=r.cfg,
@@ -365,15 +412,15 @@ class StageTrainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
         self._build()
-        state = {"epoch": -1, "best": {}}
-        if self.runner.resume and (ckpt := latest_good_checkpoint(self.ckpt_root)) is not None:
+        state = TrainState()
+        if self.env.resume and (ckpt := latest_good_checkpoint(self.ckpt_root)) is not None:
             self.acc.load_state(str(ckpt))
-            state = load_trainer_state(ckpt)
-            log.info("stage %s: resumed after epoch %d from %s", self.stage.name, state["epoch"], ckpt)
-        rows = [r for r in read_jsonl(self.log_file) if r["epoch"] <= state["epoch"]]
+            state = TrainState.from_dict(load_trainer_state(ckpt))
+            log.info("stage %s: resumed after epoch %d from %s", self.stage.name, state.epoch, ckpt)
+        rows = [r for r in read_jsonl(self.log_file) if r["epoch"] <= state.epoch]
         started = time.perf_counter()
         samples = 0
-        for epoch in range(state["epoch"] + 1, self.epochs):
+        for epoch in range(state.epoch + 1, self.epochs):
             t0 = time.perf_counter()
             train_log, n = self._train_epoch(epoch)
             samples += n
@@ -382,12 +429,12 @@ class StageTrainer:
             row.update(_flatten_eval(val, "val"))
             row["time_s"] = round(time.perf_counter() - t0, 3)
             self._update_best(state, val, epoch)
-            state["epoch"] = epoch
+            state.epoch = epoch
             rows.append(row)
             if self.acc.is_main_process:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 write_jsonl(self.log_file, rows)
-            save_checkpoint(self.acc, self.ckpt_root, epoch, state, self.runner.cfg.accelerator.keep_checkpoints)
+            save_checkpoint(self.acc, self.ckpt_root, epoch, state.to_dict(), self.env.cfg.accelerator.keep_checkpoints)
         train_time = time.perf_counter() - started
         return self._finish(state, rows, train_time, samples)
 
@@ -401,11 +448,11 @@ class StageTrainer:
         count = torch.zeros((), device=acc.device)
         limit = FAST_DEV_BATCHES if self.fast else None
         bar = tqdm(total=limit or len(self.train_loader), desc=f"{self.stage.name} {epoch + 1}/{self.epochs}",
-                   disable=None if self.runner.progress else True, leave=False)  # None: off when not a TTY
+                   disable=None if self.env.progress else True, leave=False)  # None: off when not a TTY
         for step, batch in enumerate(self.train_loader):
             if limit is not None and step >= limit:
                 break
-            batch = self.runner.views(batch)
+            batch = self.env.views(batch)
             loss, losses = train_step(
                 acc, method, self.optimizer, self.scheduler, batch, self.stage.grad_clip_norm,
                 check=lambda loss, losses: self._check_finite(loss, losses, epoch, step),
@@ -442,42 +489,36 @@ class StageTrainer:
     # ------------------------------------------------------------------ evaluation & selection
     @torch.no_grad()
     def evaluate(self, loader: DataLoader, with_loss: bool = False) -> dict[str, Any]:
-        acc, core = self.acc, self.core
+        """Every model of the method on ``loader``, and the method's mean loss when ``with_loss``."""
+        core = self.core
         core.eval()
         core.set_target_split("test" if loader is self.test_loader else "val")
-        preds: dict[str, list[torch.Tensor]] = {}
-        labels: list[torch.Tensor] = []
-        loss_sum = torch.zeros((), device=acc.device)
-        n = torch.zeros((), device=acc.device)
-        for step, batch in enumerate(loader):
-            if self.fast and step >= FAST_DEV_BATCHES:
-                break
-            batch = self.runner.views(batch)
-            with acc.autocast():
-                logits = core.predict(batch)
-                if with_loss:
-                    _, losses = core(batch)
-                    loss_sum += sum(losses.values()).float() * batch["label"].shape[0]
-                    n += batch["label"].shape[0]
-            labels.append(acc.gather_for_metrics(batch["label"]).cpu())
-            for name, lg in logits.items():
-                preds.setdefault(name, []).append(acc.gather_for_metrics(lg.argmax(-1)).cpu())
+        loss = (lambda batch: sum(core(batch)[1].values())) if with_loss else None
+        out = evaluate_predictions(self.env, loader, core.predict, loss)
         core.pop_stats()  # statistics of evaluation batches are not training statistics
-        y = torch.cat(labels).numpy()
-        nc = self.runner.data.num_classes
-        out: dict[str, Any] = {"models": {m: classification_metrics(torch.cat(p).numpy(), y, nc) for m, p in preds.items()}}
-        if with_loss:
-            out["loss"] = (acc.reduce(loss_sum, "sum") / acc.reduce(n, "sum")).item()
         return out
 
     def evaluate_saved(self) -> dict[str, Any]:
-        self._build(build_targets=False)
-        out = {}
-        for name, module in self.core.models().items():
-            module.load_state_dict(load_model(model_path(self.runner.run_dir, self.stage.name, name)).state_dict())
-        val, test = self.evaluate(self.val_loader), self.evaluate(self.test_loader)
-        for name in self.core.models():
-            out[name] = {"val": val["models"][name], "test": test["models"][name]}
+        """The stage's saved models on val and test, loaded from their files (``load_model``). Only a method
+        whose prediction needs more than its saved models (it overrides ``predict``: a mask is evaluated
+        inside its teacher) is rebuilt, without its optimizer or target tables."""
+        if METHODS.get(self.stage.method.name).predict is not Method.predict:
+            self._build(build_targets=False)
+            for name, module in self.core.models().items():
+                module.load_state_dict(load_model(model_path(self.env.run_dir, self.stage.name, name)).state_dict())
+            val, test = self.evaluate(self.val_loader), self.evaluate(self.test_loader)
+        else:
+            names = json.loads((self.dir / "result.json").read_text())["models"]
+            models = {n: load_model(model_path(self.env.run_dir, self.stage.name, n)).eval().to(self.acc.device) for n in names}
+            loaders = self.env.loaders(stage_seed(self.env.cfg.seed, self.stage.name))
+            val_loader, test_loader = self.acc.prepare(loaders["val"], loaders["test"])
+
+            def predict(batch):
+                return {n: m(batch)["logits"] for n, m in models.items()}
+
+            with torch.no_grad():
+                val, test = evaluate_predictions(self.env, val_loader, predict), evaluate_predictions(self.env, test_loader, predict)
+        out = {name: {"val": val["models"][name], "test": test["models"][name]} for name in val["models"]}
         self.acc.free_memory()
         return {"models": out}
 
@@ -485,27 +526,27 @@ class StageTrainer:
         metric = self.stage.select.metric
         return val["loss"] if metric == "loss" else val["models"][model][metric]
 
-    def _update_best(self, state: dict[str, Any], val: dict[str, Any], epoch: int) -> None:
+    def _update_best(self, state: TrainState, val: dict[str, Any], epoch: int) -> None:
         sign = -1.0 if self.stage.select.mode == "min" else 1.0
         for name, module in self.core.models().items():
             value = self._selection_value(val, name)
-            best = state["best"].get(name)
+            best = state.best.get(name)
             if best is None or sign * value > sign * best["value"]:
-                state["best"][name] = {
+                state.best[name] = {
                     "value": value,
                     "epoch": epoch,
                     "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
                 }
 
-    def _finish(self, state: dict[str, Any], rows: list[dict[str, Any]], train_time: float, samples: int) -> dict[str, Any]:
+    def _finish(self, state: TrainState, rows: list[dict[str, Any]], train_time: float, samples: int) -> dict[str, Any]:
         models = self.core.models()
-        for name, best in state["best"].items():
+        for name, best in state.best.items():
             models[name].load_state_dict(best["state_dict"])
         val = self.evaluate(self.val_loader)
         test = self.evaluate(self.test_loader)
         result = {
             "models": {
-                name: {"val": val["models"][name], "test": test["models"][name], "best_epoch": state["best"][name]["epoch"]}
+                name: {"val": val["models"][name], "test": test["models"][name], "best_epoch": state.best[name]["epoch"]}
                 for name in models
             },
             "selection": {"split": "val", "metric": self.stage.select.metric},
@@ -522,13 +563,44 @@ class StageTrainer:
         }
         if self.acc.is_main_process:
             for name, module in models.items():
-                save_model(module, model_path(self.runner.run_dir, self.stage.name, name))
+                save_model(module, model_path(self.env.run_dir, self.stage.name, name))
             plot_curves(rows, self.dir / "curves.png", f"{self.stage.name} ({self.stage.method.name})")
             atomic_write_json(self.dir / "result.json", result)
             shutil.rmtree(self.ckpt_root, ignore_errors=True)
         self.acc.wait_for_everyone()
         self.acc.free_memory()
         return result
+
+
+def evaluate_predictions(
+    env: StageEnv, loader: DataLoader, predict: Callable[[Any], dict[str, torch.Tensor]],
+    loss: Callable[[Any], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """``{"models": {model: accuracy, macro-F1, ...}}`` of ``predict(batch) -> {model: logits}`` over
+    ``loader`` (views applied, gathered across processes), with ``"loss"``, the mean of ``loss(batch)``."""
+    acc = env.accelerator
+    preds: dict[str, list[torch.Tensor]] = {}
+    labels: list[torch.Tensor] = []
+    loss_sum = torch.zeros((), device=acc.device)
+    n = torch.zeros((), device=acc.device)
+    for step, batch in enumerate(loader):
+        if env.fast_dev_run and step >= FAST_DEV_BATCHES:
+            break
+        batch = env.views(batch)
+        with acc.autocast():
+            logits = predict(batch)
+            if loss is not None:
+                loss_sum += loss(batch).float() * batch["label"].shape[0]
+                n += batch["label"].shape[0]
+        labels.append(acc.gather_for_metrics(batch["label"]).cpu())
+        for name, lg in logits.items():
+            preds.setdefault(name, []).append(acc.gather_for_metrics(lg.argmax(-1)).cpu())
+    y = torch.cat(labels).numpy()
+    nc = env.data.num_classes
+    out: dict[str, Any] = {"models": {m: classification_metrics(torch.cat(p).numpy(), y, nc) for m, p in preds.items()}}
+    if loss is not None:
+        out["loss"] = (acc.reduce(loss_sum, "sum") / acc.reduce(n, "sum")).item()
+    return out
 
 
 def _flatten_eval(ev: dict[str, Any], split: str) -> dict[str, float]:

@@ -9,15 +9,17 @@ import torch
 from torch import nn
 
 from crossmodal_kd.methods.context import BuildContext
+from crossmodal_kd.models.frozen import FrozenHolder
 from crossmodal_kd.targets import TeacherCall
 
 
-class Method(nn.Module):
+class Method(FrozenHolder):
     """Base class of every training stage.
 
     Subclasses build their trainable modules as attributes (they are optimised and checkpointed) and
-    register teachers with :meth:`freeze` (kept in eval mode, no gradients, outside the module tree,
-    so they are neither wrapped in DDP nor saved in training checkpoints). A frozen teacher is called
+    register teachers with :meth:`freeze` (held frozen as every frozen module is,
+    :class:`~crossmodal_kd.models.frozen.FrozenHolder`: eval mode, no gradients, outside the module tree,
+    so neither wrapped in DDP nor saved in training checkpoints). A frozen teacher is called
     through a :class:`~crossmodal_kd.targets.TeacherCall` (what :meth:`freeze` returns, or
     :meth:`teacher_call` for a call with hooks), whose outputs the engine's target store serves by
     sample index once computed: methods never cache teacher outputs themselves.
@@ -31,7 +33,6 @@ class Method(nn.Module):
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__()
         object.__setattr__(self, "ctx", ctx)
-        object.__setattr__(self, "_frozen", {})
         object.__setattr__(self, "_calls", {})
         object.__setattr__(self, "_stats", defaultdict(lambda: torch.zeros(())))
         self.epoch = 0
@@ -41,9 +42,7 @@ class Method(nn.Module):
         """Register a teacher: eval mode, no gradients; the engine moves it to the device. The returned call
         runs it (``call(batch)``, ``call.module``); ``serve=False`` when the method only runs the module itself
         (e.g. with a trainable mask hooked in), so the store does not compute targets nobody reads."""
-        module.eval()
-        module.requires_grad_(False)
-        self._frozen[name] = module
+        self.hold_frozen(name, module, attribute=False)
         call = TeacherCall(name, module, [module])
         if serve:
             self._calls[name] = call
@@ -65,15 +64,6 @@ class Method(nn.Module):
         """Which split's stored targets the teacher calls serve (set by the engine before iterating one)."""
         for call in self._calls.values():
             call.split = split
-
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        return dict(self._frozen)
-
-    def train(self, mode: bool = True) -> "Method":
-        super().train(mode)
-        for m in self._frozen.values():
-            m.eval()
-        return self
 
     # ---------------------------------------------------------------- contract
     def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

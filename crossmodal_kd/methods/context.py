@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -12,7 +13,7 @@ from torch import nn
 
 from crossmodal_kd.config import Component, ConfigError, ModelRef, RunConfig
 from crossmodal_kd.data import collate_batch
-from crossmodal_kd.models.io import attach_spec, load_model, model_path
+from crossmodal_kd.models.io import attach_spec, load_model, model_path, stage_dir, stage_result_of
 from crossmodal_kd.models.networks import build_network
 
 # fast-dev-run bounds on build-time work (BuildContext.fast_dev_run): rows of the probe batch, batches
@@ -118,6 +119,23 @@ class BuildContext:
             return [self.resolve_references(v, f"{key}[{i}]") for i, v in enumerate(value)]
         return value
 
+    def model_record(self, ref: ModelRef | Mapping[str, Any], key: str = "model") -> dict[str, Any]:
+        """What the stage that trained a referenced model recorded about it (``result.json``: ``val`` and
+        ``test`` metrics, parameters), for a ``{stage, model}`` of this run or a ``{path}`` inside another
+        run's ``stages/<stage>/models/`` folder. Errors name ``<where>.<key>``."""
+        ref = self.ref(ref, key)
+        if ref.stage is not None:
+            result, model = stage_dir(self.run_dir, ref.stage) / "result.json", ref.model
+        else:
+            result, model = stage_result_of(Path(ref.path)), Path(ref.path).stem
+        if result is None or not result.is_file():
+            raise FileNotFoundError(f"{self.where}.{key}: no result.json recorded for {ref.path or ref.stage} "
+                                    f"(looked for {result or 'a stages/<stage>/models/ folder around the file'})")
+        try:
+            return dict(json.loads(result.read_text())["models"][model])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{self.where}.{key}: {result} has no record of model '{model}' ({exc})") from None
+
     def load(self, ref: ModelRef | Mapping[str, Any], key: str = "model") -> nn.Module:
         path = self.resolve(ref, key)
         if not path.is_file():
@@ -125,3 +143,11 @@ class BuildContext:
         module = load_model(path)
         module.source_ref = self.ref(ref, key).model_dump()  # which stage trained it (cross-fitting retrains that stage)
         return module
+
+    def class_names_or(self, override: list[str] | tuple[str, ...] | None, key: str = "class_names") -> list[str]:
+        """``override`` (a method's ``<key>`` parameter) when given, else the dataset's class names: one per
+        class, or a ``ConfigError`` that says to set ``<key>``."""
+        names = list(override or self.class_names)
+        if len(names) != self.num_classes:
+            raise ConfigError(f"{self.where}: {len(names)} class names for {self.num_classes} classes; set {key} to one name per class")
+        return names

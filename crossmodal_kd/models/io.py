@@ -23,6 +23,13 @@ def model_path(run_dir: Path, stage: str, model: str) -> Path:
     return stage_dir(run_dir, stage) / "models" / f"{model}.pt"
 
 
+def stage_result_of(model_file: Path) -> Path | None:
+    """The ``result.json`` of the stage that saved ``model_file`` (``<run>/stages/<stage>/models/<m>.pt``);
+    ``None`` when the file is not inside that layout."""
+    models = Path(model_file).parent
+    return models.parent / "result.json" if models.name == "models" and models.parent.parent.name == "stages" else None
+
+
 def attach_spec(module: nn.Module, registry: str, name: str, params: Mapping[str, Any], context: Mapping[str, Any]) -> nn.Module:
     """Remember how ``module`` was built so a saved file can rebuild it without the config."""
     module.build_spec = {"registry": registry, "name": name, "params": dict(params), "context": dict(context)}
