@@ -1,16 +1,29 @@
 """Typed, range-checked parameters of registered factories.
 
-A factory keeps a plain Python signature whose annotations carry each parameter's config type and range::
+A factory states its parameters' config types and ranges in one of two ways. A registered class may
+declare a nested :class:`Params` model; subclasses inherit and extend it (every KD method's
+``Distiller.Params``)::
 
-    def __init__(self, ctx, student: NetworkName, teacher: ModelRefSpec, tau: PositiveFloat = 4.0,
-                 router: RouterSpec | None = None): ...
+    class DKD(Distiller):
+        class Params(Distiller.Params):        # student, teacher, student_init, tau, w_ce, w_kd, plus:
+            w_tckd: NonNegativeFloat = 1.0
+            w_kd: NonNegativeFloat = 0.0       # a default of the base, overridden
+            renamed: ClassVar[dict[str, str]] = {"alpha": "w_tckd"}  # old key -> an error naming the new one
 
-:class:`~crossmodal_kd.registry.Registry` turns the signature into a pydantic model once per factory and
-validates config values against it before calling the factory (YAML's ``"2e-3"`` arrives as a float);
-every problem becomes one line ``<config path>: <message> (got <value>)``. Unannotated parameters are
-``Any``. Nested components (``RouterSpec``, ...) are checked recursively against their registry.
-Inside :func:`checking` (the run preflight), references are also checked against the run: a model
-reference or stage name must name an earlier stage, a network name an entry of ``networks:``.
+        def __init__(self, ctx, params: DKD.Params): ...
+
+:class:`~crossmodal_kd.registry.Registry` validates the config options against it once and calls
+``factory(<context it names>, params=<the Params instance>)``. Any other factory keeps a plain Python
+signature whose annotations carry the types (encoders, networks, routers, masks, optimizers)::
+
+    def small_cnn(input_shape, channels: list[PositiveInt] = ..., dropout: Fraction = 0.0): ...
+
+and the registry turns the signature into a pydantic model once per factory. Either way config values are
+converted before the factory sees them (YAML's ``"2e-3"`` arrives as a float) and every problem becomes
+one line ``<config path>: <message> (got <value>)``. Unannotated parameters are ``Any``. Nested components
+(``RouterSpec``, ...) are checked recursively against their registry. Inside :func:`checking` (the run
+preflight), references are also checked against the run: a model reference or stage name must name an
+earlier stage, a network name an entry of ``networks:``.
 """
 
 from __future__ import annotations
@@ -21,9 +34,17 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Mapping, Optional
+from typing import Annotated, Any, Callable, ClassVar, Iterator, Mapping, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from crossmodal_kd.config import ModelRef
@@ -143,9 +164,10 @@ def check_values(model: type[BaseModel], options: Mapping[str, Any]) -> tuple[di
     return {k: getattr(checked, f"p_{k}") if f"p_{k}" in model.model_fields else v for k, v in options.items()}, []
 
 
-def problems_of(exc: ValidationError) -> list[Problem]:
+def problems_of(exc: ValidationError | list[dict[str, Any]]) -> list[Problem]:
+    """One :class:`Problem` per pydantic error (of ``exc`` or a list of its errors)."""
     out = []
-    for e in exc.errors():
+    for e in exc.errors() if isinstance(exc, ValidationError) else exc:
         # union members and validator functions appear in the location as e.g. "function-after[...]"
         loc = tuple(p for p in e["loc"] if isinstance(p, int) or "[" not in p)
         ctx = e.get("ctx") or {}
@@ -164,6 +186,100 @@ def _nested(problems: list[Problem]) -> PydanticCustomError:
 
 def _reference(message: str) -> PydanticCustomError:
     return PydanticCustomError("reference", "{message}", {"message": message})
+
+
+# ----------------------------------------------------------------------------- declared parameter models
+
+
+class Params(BaseModel):
+    """Base of the parameters a registered class declares as a nested ``class Params(...)``.
+
+    Fields are the config keys, with their types, ranges and defaults; unknown keys are rejected. A field
+    marked ``Annotated[..., Supplied()]`` may be filled by the calling code (the registry's context of
+    that name) when the config leaves it out. ``renamed`` maps former keys to their new names (collected
+    along the class hierarchy): a config that still uses one fails as ``<path>.<old>: renamed to <new>``.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
+
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            renamed = renamed_keys(cls)
+            old = [k for k in data if k in renamed and k not in cls.model_fields]
+            if old:
+                raise _nested([Problem((k,), f"renamed to {renamed[k]}") for k in old])
+        return data
+
+
+def renamed_keys(model: type[Params]) -> dict[str, str]:
+    """Former config key -> its new name, over ``model``'s class hierarchy (a subclass's entries win)."""
+    out: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        out.update(vars(cls).get("renamed") or {})
+    return out
+
+
+def params_class(factory: Any) -> type[Params] | None:
+    """The :class:`Params` model a registered class declares (or inherits), else ``None``."""
+    model = getattr(factory, "Params", None) if inspect.isclass(factory) else None
+    return model if inspect.isclass(model) and issubclass(model, Params) else None
+
+
+def config_keys(model: type[BaseModel]) -> list[str]:
+    """The config keys of ``model``'s fields, in declaration order (base classes' first)."""
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _is_supplied(info: Any) -> bool:
+    return any(isinstance(m, Supplied) for m in info.metadata)
+
+
+def supplied_fields(model: type[Params]) -> set[str]:
+    """Fields marked :class:`Supplied` (by config key)."""
+    return {f.alias or name for name, f in model.model_fields.items() if _is_supplied(f)}
+
+
+def checking_model(model: type[Params]) -> type[Params]:
+    """``model`` with its :class:`Supplied` fields optional: what validation without building checks."""
+    supplied = {name for name, f in model.model_fields.items() if _is_supplied(f)}
+    if not supplied:
+        return model
+    fields: dict[str, Any] = {
+        name: (Optional[Annotated[(f.annotation, *f.metadata)]], Field(None, alias=f.alias))
+        for name, f in model.model_fields.items() if name in supplied
+    }
+    return create_model(f"{model.__qualname__}_check", __base__=model, __module__=model.__module__, **fields)
+
+
+def check_params(model: type[Params], options: Mapping[str, Any]) -> tuple[Params | None, list[Problem]]:
+    """``options`` validated by ``model``: the instance (``None`` when there are problems) and the problems,
+    unknown keys in one line that lists the valid ones, missing required keys in another, then one line per
+    bad value, relative to ``options``."""
+    try:
+        return model.model_validate(dict(options)), []
+    except ValidationError as exc:
+        errors = exc.errors()
+    top = [e for e in errors if len(e["loc"]) == 1]
+    unknown = sorted(str(e["loc"][0]) for e in top if e["type"] == "extra_forbidden")
+    missing = [str(e["loc"][0]) for e in top if e["type"] == "missing"]
+    rest = [e for e in errors if not (e in top and e["type"] in ("extra_forbidden", "missing"))]
+    problems = []
+    if unknown:
+        valid = ", ".join(config_keys(model)) or "(none)"
+        problems.append(Problem((), f"unknown parameter(s) {', '.join(unknown)}; valid: {valid}"))
+    if missing:
+        problems.append(Problem((), f"missing required parameter(s) {', '.join(missing)}"))
+    return None, problems + problems_of(rest)
+
+
+def given_values(instance: BaseModel, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The validated values of the keys given in ``options``, by config key."""
+    names = {f.alias or name: name for name, f in type(instance).model_fields.items()}
+    return {k: getattr(instance, names[k]) for k in options if k in names}
 
 
 # ----------------------------------------------------------------------------- nested components

@@ -8,7 +8,20 @@ import inspect
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 from crossmodal_kd.config import ConfigError
-from crossmodal_kd.params import Problem, check_values, params_model, supplied, use_registries
+from crossmodal_kd.params import (
+    Problem,
+    check_params,
+    check_values,
+    checking_model,
+    config_keys,
+    given_values,
+    params_class,
+    params_model,
+    renamed_keys,
+    supplied,
+    supplied_fields,
+    use_registries,
+)
 
 T = TypeVar("T")
 
@@ -79,13 +92,24 @@ class Registry(Generic[T]):
             ) from None
 
     def build(self, name: str, options: Mapping[str, Any] | None = None, *, where: str = "", **context: Any) -> Any:
-        """Call the registered factory with config ``options`` (keys checked, values validated against its
-        annotations and converted) plus the code-supplied ``context`` it names (all of it when it takes
-        ``**kwargs``). A context parameter marked ``Supplied`` may be given by the config instead."""
+        """Call the registered factory with config ``options`` (keys checked, values validated and converted)
+        plus the code-supplied ``context`` it names (all of it when it takes ``**kwargs``).
+
+        A class that declares a :class:`~crossmodal_kd.params.Params` model is called as
+        ``factory(<context it names>, params=<options validated by it>)``; any other factory as
+        ``factory(<context it names>, **options)``, the options validated against its annotations. A parameter
+        marked ``Supplied`` is filled from the context of that name unless the config gives it."""
         factory = self.get(name)
         options = dict(options or {})
         where = where or f"{self.kind}.{name}"
         accepted = _accepted(factory)
+        model = params_class(factory)
+        if model is not None:
+            given = {k: v for k, v in context.items() if accepted is None or k in accepted}
+            fill = {k: v for k, v in context.items() if k in supplied_fields(model) and k not in options}
+            params, problems = check_params(model, {**fill, **options})
+            _raise(problems, where)
+            return factory(**given, params=params)
         given = {
             k: v for k, v in context.items()
             if (accepted is None or k in accepted) and not (k in options and k in supplied(factory))
@@ -109,8 +133,14 @@ class Registry(Generic[T]):
         factory = self.get(name)
         options = dict(options or {})
         where = where or f"{self.kind}.{name}"
-        check_kwargs(factory, options, where=where, reserved=set(self.context - supplied(factory)), optional=supplied(factory))
-        values = self._checked(name, options, where)
+        if params_class(factory) is not None:
+            params, problems = check_params(self._model(name), options)
+            _raise(problems, where)
+            values = given_values(params, options)
+        else:
+            optional = supplied(factory)
+            check_kwargs(factory, options, where=where, reserved=set(self.context - optional), optional=optional)
+            values = self._checked(name, options, where)
         hook = getattr(factory, "preflight", None)
         if callable(hook):
             hook(values, where)
@@ -119,6 +149,8 @@ class Registry(Generic[T]):
     def problems(self, name: str, options: Mapping[str, Any]) -> list[Problem]:
         """What :meth:`validate` would reject in ``options`` (no hook), relative to them; ``name`` is registered."""
         factory = self._items[name]
+        if params_class(factory) is not None:
+            return check_params(self._model(name), options)[1]
         unknown, valid, missing = _kwargs_report(factory, options, reserved=set(self.context - supplied(factory)), optional=supplied(factory))
         out = []
         if unknown:
@@ -128,17 +160,21 @@ class Registry(Generic[T]):
         return out + check_values(self._model(name), options)[1]
 
     def _model(self, name: str) -> Any:
+        """The pydantic model that validation without building checks options against: the factory's
+        ``Params`` (its ``Supplied`` fields optional), or one made from its signature."""
         if name not in self._models:
             factory = self._items[name]
-            skip = self.context - supplied(factory)
-            self._models[name] = params_model(factory, skip=skip, types=self._types.get(name))
+            declared = params_class(factory)
+            if declared is not None:
+                self._models[name] = checking_model(declared)
+            else:
+                skip = self.context - supplied(factory)
+                self._models[name] = params_model(factory, skip=skip, types=self._types.get(name))
         return self._models[name]
 
     def _checked(self, name: str, options: dict[str, Any], where: str) -> dict[str, Any]:
         values, problems = check_values(self._model(name), options)
-        if problems:
-            error = UnknownComponentError if any(p.unknown_name for p in problems) else ConfigError
-            raise error("\n".join(p.line(where) for p in problems))
+        _raise(problems, where)
         return values
 
     def list(self) -> list[str]:
@@ -169,7 +205,17 @@ def check_kwargs(
 def _kwargs_report(
     factory: Callable, params: Mapping[str, Any], *, reserved: set[str], optional: set[str]
 ) -> tuple[list[str], list[str], list[str]]:
-    """(unknown keys, valid keys, missing required keys) of ``params`` for ``factory``."""
+    """(unknown keys, valid keys, missing required keys) of ``params`` for ``factory`` (its ``Params`` fields,
+    or its signature); renamed keys of a ``Params`` are left to its own error."""
+    model = params_class(factory)
+    if model is not None:
+        valid = [k for k in config_keys(model) if k not in reserved]
+        renamed = renamed_keys(model)
+        unknown = sorted(set(params) - set(valid) - set(renamed))
+        required = {f.alias or n for n, f in model.model_fields.items() if f.is_required()}
+        optional = optional | supplied_fields(model)
+        missing = [k for k in valid if k in required and k not in params and k not in optional]
+        return unknown, valid, missing
     target = factory.__init__ if inspect.isclass(factory) else factory
     sig = inspect.signature(target)
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
@@ -181,6 +227,13 @@ def _kwargs_report(
         if sig.parameters[n].default is inspect.Parameter.empty and n not in params and n not in optional
     ]
     return unknown, valid, missing
+
+
+def _raise(problems: list[Problem], where: str) -> None:
+    """One error, a line per problem (:class:`UnknownComponentError` when one names an unknown component)."""
+    if problems:
+        error = UnknownComponentError if any(p.unknown_name for p in problems) else ConfigError
+        raise error("\n".join(p.line(where) for p in problems))
 
 
 def _accepted(factory: Callable) -> set[str] | None:
@@ -261,7 +314,6 @@ ROUTERS: Registry = Registry(
     providers=("crossmodal_kd.models.routers", "crossmodal_kd.clip"),
 )
 MASKS: Registry = Registry("mask", context=("channels",), providers=("crossmodal_kd.models.masks",))
-LOSSES: Registry = Registry("loss", providers=("crossmodal_kd.losses",))
 OPTIMIZERS: Registry = Registry("optimizer", context=("params",), providers=("crossmodal_kd.engine.optim",))
 SCHEDULERS: Registry = Registry("scheduler", context=("optimizer", "total_steps"), providers=("crossmodal_kd.engine.optim",))
 VIEWS: Registry = Registry("view", providers=("crossmodal_kd.views",))
@@ -275,7 +327,6 @@ ALL_REGISTRIES = {
     "methods": METHODS,
     "routers": ROUTERS,
     "masks": MASKS,
-    "losses": LOSSES,
     "optimizers": OPTIMIZERS,
     "schedulers": SCHEDULERS,
     "views": VIEWS,

@@ -1,5 +1,6 @@
-"""Baseline zoo (SPEC 5): one training step of each method, CRD's memory bank, C2KD's filter, MGDFR's ranking,
-and a fast-dev-run of the shipped configs on synthetic data."""
+"""The baseline zoo (FitNets, CRD, DKD, RKD, DML, C2KD, MGDFR): one training step of each method, DKD's
+weighted terms, CRD's memory bank, C2KD's filter, MGDFR's ranking, and a fast-dev-run of the shipped configs on
+synthetic data."""
 
 from __future__ import annotations
 
@@ -91,6 +92,22 @@ def test_one_training_step_reduces_the_loss(ctx, case):
     assert after.item() < before.item()
     teacher = method.frozen_modules()["teacher"]
     assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_dkd_terms_are_the_weighted_tckd_and_nckd_after_warm_up(ctx):
+    from crossmodal_kd.config import ConfigError
+    from crossmodal_kd.losses import non_target_kl, target_kl
+
+    batch = make_batch()
+    method = build(ctx, "dkd", w_tckd=2.0, w_nckd=3.0, warmup=4, tau=2.0)
+    method.on_epoch_start(1)  # warm-up factor (1 + 1) / 4
+    out, losses = method(batch)
+    assert set(losses) == {"ce", "tckd", "nckd"}  # w_kd defaults to 0: no plain KD term
+    t_logits, y = method.teacher(batch)["logits"], batch["label"]
+    torch.testing.assert_close(losses["tckd"], 0.5 * 2.0 * target_kl(out["logits"], t_logits, y, 2.0))
+    torch.testing.assert_close(losses["nckd"], 0.5 * 3.0 * non_target_kl(out["logits"], t_logits, y, 2.0))
+    with pytest.raises(ConfigError, match=r"^test\.alpha: renamed to w_tckd\ntest\.beta: renamed to w_nckd$"):
+        build(ctx, "dkd", alpha=1.0, beta=8.0)
 
 
 def test_fitnets_stages_have_the_terms_they_name(ctx):

@@ -22,7 +22,7 @@ CLI = [sys.executable, "-m", "crossmodal_kd.cli"]
 def test_list_prints_every_registry(capsys):
     assert main(["list"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert set(listed) == {"datasets", "encoders", "networks", "methods", "routers", "masks", "losses", "optimizers", "schedulers", "views", "clip_backends", "augmentations"}
+    assert set(listed) == {"datasets", "encoders", "networks", "methods", "routers", "masks", "optimizers", "schedulers", "views", "clip_backends", "augmentations"}
     assert {"synthetic", "avmnist"} <= set(listed["datasets"])
     assert {"supervised", "kd"} <= set(listed["methods"])
     assert {"small_cnn", "lenet5", "mlp"} <= set(listed["encoders"])

@@ -173,7 +173,7 @@ def test_collaborative_detach_switch(tmp_path):
     ctx = BuildContext(cfg, tmp_path, {"image": (1, 12, 12), "audio": (1, 16, 16)}, 4, batch)
     for detach, expect in ((True, False), (False, True)):
         torch.manual_seed(0)
-        m = Collaborative(ctx, {"a": "student", "b": "crossmodal_teacher"}, detach_peers=detach)
+        m = Collaborative(ctx, Collaborative.Params(networks={"a": "student", "b": "crossmodal_teacher"}, detach_peers=detach))
         _, losses = m(batch)
         losses["kd/a"].backward()  # a's KD term: does it push b?
         b_grad = sum(p.grad.abs().sum() for p in m.nets["b"].parameters() if p.grad is not None)

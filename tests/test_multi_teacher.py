@@ -61,15 +61,15 @@ def build(ctx, **params):
     return METHODS.build("multi_kd", params, where="test", ctx=ctx)
 
 
-def hand_loss(method, batch, weights, alpha=0.6, tau=3.0):
-    """sum_t w_t [alpha CE + (1 - alpha) tau^2 KL(p_t || p_s)], written out with softmaxes."""
+def hand_loss(method, batch, weights, w_ce=0.6, tau=3.0):
+    """sum_t w_t [w_ce CE + (1 - w_ce) tau^2 KL(p_t || p_s)], written out with softmaxes."""
     s = method.student(batch)["logits"]
     ce = F.cross_entropy(s, batch["label"])
     total = 0
     for w, t in zip(weights, method.teachers):
         p_t = F.softmax(t(batch)["logits"] / tau, 1)
         kl = (p_t * (p_t.log() - F.log_softmax(s / tau, 1))).sum(1).mean()
-        total = total + w * (alpha * ce + (1 - alpha) * tau**2 * kl)
+        total = total + w * (w_ce * ce + (1 - w_ce) * tau**2 * kl)
     return total
 
 
@@ -92,13 +92,13 @@ def test_val_weights_come_from_result_json_unless_given(ctx):
     torch.testing.assert_close(given.router.weights, torch.tensor([0.5, 0.5]))
     (ctx.run_dir / "lone").mkdir(exist_ok=True)
     save_model(ctx.network("student"), ctx.run_dir / "lone" / "x.pt")
-    with pytest.raises(FileNotFoundError, match=r"val_weighted.*result.json does not exist; give val_accuracy"):
+    with pytest.raises(FileNotFoundError, match=r"val_weighted' needs the teacher's validation accuracy, but no result.json .*; give val_accuracy"):
         build(ctx, combine="val_weighted", teachers=[{"model": {"path": str(ctx.run_dir / "lone" / "x.pt")}}])
 
 
-def test_alpha_and_tau_are_the_papers_by_default(ctx):
+def test_w_ce_and_tau_are_the_papers_by_default(ctx):
     method = build(ctx)
-    assert (method.alpha, method.tau) == (0.6, 3.0)
+    assert (method.w_ce, method.tau) == (0.6, 3.0)  # the paper's alpha = 0.6
     batch = make_batch()
     torch.testing.assert_close(sum(method(batch)[1].values()), hand_loss(method, batch, [0.5, 0.5], 0.6, 3.0))
 
@@ -130,6 +130,10 @@ def test_multi_kd_errors_name_the_key(ctx):
         build(ctx, teachers=[{"model": {"stage": "t_image"}}, {"model": {"stage": "t_image"}}])
     with pytest.raises(ConfigError, match="test.teachers: at least one teacher"):
         build(ctx, teachers=[])
+    with pytest.raises(ConfigError, match=r"^test\.alpha: renamed to w_ce$"):
+        build(ctx, alpha=0.6)
+    with pytest.raises(ConfigError, match=r"^test\.w_ce: Input should be less than or equal to 1 \(got 1\.5\)$"):
+        build(ctx, w_ce=1.5)
 
 
 def test_static_router_normalises_its_weights():

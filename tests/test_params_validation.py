@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 import time
-from typing import Annotated, Sequence
+from typing import Annotated, ClassVar, Sequence
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from conftest import REPO, TEST_CONFIGS, tiny_config, write_yaml
 from crossmodal_kd.config import ConfigError, load_config, validate_config
 from crossmodal_kd.engine.preflight import preflight
 from crossmodal_kd.engine.trainer import Runner
-from crossmodal_kd.params import PositiveFloat, PositiveInt, Supplied
-from crossmodal_kd.registry import METHODS, OPTIMIZERS, Registry, RegistryError, UnknownComponentError, import_plugins
+from crossmodal_kd.params import Params, PositiveFloat, PositiveInt, RouterSpec, Supplied
+from crossmodal_kd.registry import METHODS, OPTIMIZERS, Registry, RegistryError, UnknownComponentError, check_kwargs, import_plugins
 
 KD = "stages[2].method.params"  # tiny_config's third stage: kd from {stage: teacher}
 OPT = "stages[2].optimizer.params"
@@ -93,6 +94,53 @@ def test_registry_builds_from_typed_signatures_one_line_per_problem():
     assert seen == {"here": {"n": 2}}
     with pytest.raises(TypeError, match="missing required parameter"):
         reg.build("checked", {}, ctx=None)
+
+
+def test_a_declared_params_model_is_validated_once_and_handed_over_whole():
+    reg = Registry("widget", context=("ctx",))
+    seen = {}
+
+    class Base:
+        class Params(Params):
+            size: PositiveInt
+            scale: PositiveFloat = 1.0
+
+    @reg.register("w")
+    class Widget(Base):
+        class Params(Base.Params):  # inherits size and scale, adds its own, overrides a default
+            renamed: ClassVar[dict[str, str]] = {"alpha": "w_extra"}
+            scale: PositiveFloat = 2.0
+            w_extra: PositiveFloat = 0.5
+            names: Annotated[Sequence[str], Supplied()]
+            router: RouterSpec | None = None
+
+        def __init__(self, ctx, params: Widget.Params):
+            self.ctx, self.params = ctx, params
+
+        @staticmethod
+        def preflight(params, where):
+            seen[where] = params
+
+    built = reg.build("w", {"size": "3"}, where="stages[0].method.params", ctx="the context", names=["a", "b"])
+    assert built.ctx == "the context" and isinstance(built.params, Widget.Params)
+    assert (built.params.size, built.params.scale, built.params.w_extra, built.params.names) == (3, 2.0, 0.5, ["a", "b"])
+    assert reg.build("w", {"size": 1, "names": ["c"]}, ctx=None, names=["a"]).params.names == ["c"]  # the config's wins
+    where = "stages[0].method.params"
+    with pytest.raises(ConfigError) as info:
+        reg.build("w", {"sise": 1, "colour": "red", "scale": -1, "router": {"name": "gate", "params": {"k": 0}}}, where=where, ctx=None, names=[])
+    assert str(info.value).splitlines() == [
+        f"{where}: unknown parameter(s) colour, sise; valid: size, scale, w_extra, names, router",
+        f"{where}: missing required parameter(s) size",
+        f"{where}.scale: Input should be greater than 0 (got -1)",
+        f"{where}.router.params.k: Input should be greater than 0 (got 0)",
+    ]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(where)}\.alpha: renamed to w_extra$"):
+        reg.build("w", {"size": 1, "alpha": 0.1}, where=where, ctx=None, names=[])
+    # validation without building: Supplied fields are not required, the hook sees the converted values given
+    assert reg.validate("w", {"size": "2"}, where="here") == {"size": 2} and seen == {"here": {"size": 2}}
+    assert [p.line("x") for p in reg.problems("w", {"alpha": 1})] == ["x.alpha: renamed to w_extra"]
+    with pytest.raises(TypeError, match=r"^x: unknown parameter\(s\) colour; valid: size, scale, w_extra, names, router$"):
+        check_kwargs(Widget, {"size": 1, "colour": 1, "alpha": 1}, where="x")  # a renamed key is left to its own error
 
 
 def test_nested_components_are_checked_against_their_registry():
@@ -204,7 +252,7 @@ def test_every_signature_annotation_is_usable_by_the_registries():
     for kind, registry in ALL_REGISTRIES.items():
         for name in registry.list():
             typed[kind, name] = registry._model(name).model_fields
-    assert "p_tau" in typed["methods", "kd"] and "p_ctx" not in typed["methods", "kd"]
+    assert "tau" in typed["methods", "kd"] and "ctx" not in typed["methods", "kd"]  # a declared Params model
     assert "p_lr" in typed["optimizers", "adamw"] and "p_params" not in typed["optimizers", "adamw"]
 
 

@@ -259,7 +259,7 @@ def test_parity_options_run_and_routing_reaches_result_json(tmp_path):
 
     batch = {"image": torch.randn(4, 1, 12, 12), "audio": torch.randn(4, 1, 16, 16), "label": torch.tensor([0, 1, 2, 3])}
     ctx = BuildContext(cfg, tmp_path / "run", {"image": (1, 12, 12), "audio": (1, 16, 16)}, 4, batch)
-    method = MSTDistill(ctx, **cfg.stage("routed").method.params)
+    method = MSTDistill(ctx, MSTDistill.Params(**cfg.stage("routed").method.params))
     second = method.teachers[1]
     assert [layer for layer, _ in second.hooks] == ["encoders.audio.blocks.1", "fusion.0:input"]  # cumulative
     with attached(second.network, "encoders.audio.blocks.1", second.hooks[0][1]), attached(second.network, "fusion.0:input", second.mask):

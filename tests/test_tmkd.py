@@ -1,5 +1,6 @@
-"""TMKD (SPEC 4): the ``text_guided`` router, the ``tmkd_teacher`` and ``tmkd`` methods, and the shipped avdigits
-configs end to end on synthetic data (a tiny BERT as the text tower of the ``text_aligned`` backend)."""
+"""TMKD (Zhang et al., arXiv 2603.24208): the ``text_guided`` router, the ``tmkd_teacher`` and ``tmkd``
+methods, and the shipped avdigits configs end to end on synthetic data (a tiny BERT as the text tower of the
+``text_aligned`` backend)."""
 
 from __future__ import annotations
 
@@ -241,7 +242,7 @@ def total_loss(method, batch) -> torch.Tensor:
 
 
 def test_tmkd_terms_match_their_definitions_and_one_step_reduces_the_loss(ctx, teacher_file, tiny_bert):
-    method = tmkd(ctx, teacher_file, alpha=0.5, beta=0.3, gamma=2.0, sigma=0.0)
+    method = tmkd(ctx, teacher_file, w_kd=0.5, w_crd=0.3, w_feat=2.0, sigma=0.0)
     method.train()
     batch, y = ctx.sample_batch, ctx.sample_batch["label"]
     out, losses = method(batch)
@@ -266,7 +267,7 @@ def test_tmkd_terms_match_their_definitions_and_one_step_reduces_the_loss(ctx, t
     assert total_loss(noisy, batch).item() < before.item()
 
 
-@pytest.mark.parametrize(("weight", "term", "head"), [("alpha", "kd", None), ("beta", "crd", "crd_head"), ("gamma", "feat", "feat_head")])
+@pytest.mark.parametrize(("weight", "term", "head"), [("w_kd", "kd", None), ("w_crd", "crd", "crd_head"), ("w_feat", "feat", "feat_head")])
 def test_a_zero_weight_removes_its_term_and_head(ctx, teacher_file, weight, term, head):
     method = tmkd(ctx, teacher_file, **{weight: 0.0})
     _, losses = method(ctx.sample_batch)
@@ -276,11 +277,13 @@ def test_a_zero_weight_removes_its_term_and_head(ctx, teacher_file, weight, term
 
 
 def test_tmkd_errors_name_the_key(ctx, teacher_file):
-    with pytest.raises(ConfigError, match="test.backend: the text-anchored term .* or set beta: 0"):
+    with pytest.raises(ConfigError, match="test.backend: the text-anchored term .* or set w_crd: 0"):
         tmkd(ctx, teacher_file, backend=None)
-    assert "crd" not in tmkd(ctx, teacher_file, backend=None, beta=0.0)(ctx.sample_batch)[1]
-    with pytest.raises(ConfigError, match=r"test\.gamma: Input should be greater than or equal to 0 \(got -1\.0\)"):
-        tmkd(ctx, teacher_file, gamma=-1.0)
+    assert "crd" not in tmkd(ctx, teacher_file, backend=None, w_crd=0.0)(ctx.sample_batch)[1]
+    with pytest.raises(ConfigError, match=r"test\.w_feat: Input should be greater than or equal to 0 \(got -1\.0\)"):
+        tmkd(ctx, teacher_file, w_feat=-1.0)
+    with pytest.raises(ConfigError, match=r"^test\.alpha: renamed to w_kd\ntest\.gamma: renamed to w_feat$"):
+        tmkd(ctx, teacher_file, alpha=1.0, gamma=1.0)
     with pytest.raises(ConfigError, match="test.class_prompts"):
         tmkd(ctx, teacher_file, class_prompts=["no slot"])
 

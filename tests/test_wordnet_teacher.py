@@ -1,6 +1,6 @@
-"""The WordNet-relaxed CLIP teacher (SPEC 3): the ``text_aligned`` CLIP stand-in and its ``align_to_text``
-stage, T_x (``relaxed_clip`` network, ``wordnet_clip`` stage), the leakage guard, the noun cache, the
-``after_step`` hook, and the shipped avdigits configs end to end on synthetic data with a tiny BERT."""
+"""The WordNet-relaxed CLIP teacher (Guo et al., arXiv 2503.24017): the ``text_aligned`` CLIP stand-in and
+its ``align_to_text`` stage, T_x (``relaxed_clip`` network, ``wordnet_clip`` stage), the leakage guard, the
+noun cache, the ``after_step`` hook, and the shipped avdigits configs end to end on synthetic data with a tiny BERT."""
 
 from __future__ import annotations
 

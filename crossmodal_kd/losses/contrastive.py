@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from crossmodal_kd.registry import LOSSES
 
-
-@LOSSES.register("nce")
 def nce_loss(scores: torch.Tensor, noise_prob: float, eps: float = 1e-7) -> torch.Tensor:
     """Noise-contrastive estimation on ``(B, 1 + K)`` unnormalised probabilities, positive in column 0.
 
@@ -22,7 +19,6 @@ def nce_loss(scores: torch.Tensor, noise_prob: float, eps: float = 1e-7) -> torc
     return -(log_pos.sum() + log_neg.sum()) / scores.shape[0]
 
 
-@LOSSES.register("text_anchored")
 def text_anchored_contrastive(
     embeddings: torch.Tensor, anchors: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07
 ) -> torch.Tensor:

@@ -1,11 +1,11 @@
-"""Decoupled logit losses: DKD's target-class (TCKD) and non-target-class (NCKD) terms, shared with C2KD."""
+"""Decoupled logit losses: the target-class (TCKD) and non-target-class (NCKD) terms of DKD (Zhao et al., CVPR
+2022; the ``dkd`` method weights and logs each), the non-target one shared with C2KD."""
 
 from __future__ import annotations
 
 import torch
 
 from crossmodal_kd.losses.kd import kd_kl
-from crossmodal_kd.registry import LOSSES
 
 
 def drop_target(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -14,7 +14,6 @@ def drop_target(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits[keep].view(logits.shape[0], -1)
 
 
-@LOSSES.register("nckd")
 def non_target_kl(
     student_logits: torch.Tensor,
     target_logits: torch.Tensor,
@@ -26,7 +25,6 @@ def non_target_kl(
     return kd_kl(drop_target(student_logits, labels), drop_target(target_logits, labels), tau, reduction)
 
 
-@LOSSES.register("tckd")
 def target_kl(
     student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor, tau: float = 1.0
 ) -> torch.Tensor:
@@ -42,19 +40,3 @@ def _binary_logits(logits: torch.Tensor, labels: torch.Tensor, tau: float) -> to
     log_target = z.gather(1, labels.view(-1, 1)).squeeze(1) - log_total
     log_rest = drop_target(z, labels).logsumexp(1) - log_total
     return torch.stack([log_target, log_rest], dim=1)
-
-
-@LOSSES.register("dkd")
-def dkd_loss(
-    student_logits: torch.Tensor,
-    target_logits: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float = 1.0,
-    beta: float = 8.0,
-    tau: float = 4.0,
-) -> torch.Tensor:
-    """Decoupled KD (Zhao et al., 2022): ``alpha * TCKD + beta * NCKD``."""
-    return alpha * target_kl(student_logits, target_logits, labels, tau) + beta * non_target_kl(
-        student_logits, target_logits, labels, tau
-    )
-

@@ -5,16 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from crossmodal_kd.registry import LOSSES
 
-
-@LOSSES.register("hint")
 def hint_mse(regressed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """FitNets (Romero et al., 2015): mean squared error between regressed student and teacher features."""
     return F.mse_loss(regressed.float(), target.float())
 
 
-@LOSSES.register("perturbed_feature")
 def perturbed_feature_mse(
     student_features: torch.Tensor, teacher_features: torch.Tensor, sigma: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -41,7 +37,6 @@ def _mean_normalised_distances(x: torch.Tensor) -> torch.Tensor:
     return d / d[d > 0].mean()
 
 
-@LOSSES.register("rkd_distance")
 def rkd_distance(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
     """RKD-D (Park et al., 2019): smooth-L1 between pairwise distances, each divided by its mean positive distance."""
     with torch.no_grad():
@@ -56,7 +51,6 @@ def _angles(x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(e, e.transpose(1, 2))
 
 
-@LOSSES.register("rkd_angle")
 def rkd_angle(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
     """RKD-A (Park et al., 2019): smooth-L1 between the cosines of all triplet angles (``O(B^3)`` memory)."""
     with torch.no_grad():

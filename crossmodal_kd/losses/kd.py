@@ -5,15 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from crossmodal_kd.registry import LOSSES
 
-
-@LOSSES.register("ce")
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
-@LOSSES.register("kd")
 def kd_kl(student_logits: torch.Tensor, target_logits: torch.Tensor, tau: float = 4.0, reduction: str = "mean") -> torch.Tensor:
     """``tau^2 * KL(p_target^tau || p_student^tau)`` (Hinton et al.); ``reduction='none'`` gives one value per sample."""
     log_p_s = F.log_softmax(student_logits.float() / tau, dim=-1)
@@ -26,7 +22,6 @@ def kd_kl(student_logits: torch.Tensor, target_logits: torch.Tensor, tau: float 
     raise ValueError(f"kd_kl: reduction must be 'mean' or 'none', got '{reduction}'")
 
 
-@LOSSES.register("load_balance")
 def load_balance_kl(mean_gate: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """``KL(U || mean_gate)``: zero when the batch-averaged gate is uniform over the E experts.
 

@@ -1,11 +1,9 @@
-"""The WordNet-relaxed CLIP teacher's hierarchical loss (SPEC 3)."""
+"""The hierarchical loss of the WordNet-relaxed CLIP teacher T_x (Guo et al., arXiv 2503.24017)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from crossmodal_kd.registry import LOSSES
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -22,7 +20,7 @@ def hierarchical_terms(
     w_class: float = 0.2,
     w_pre: float = 0.005,
 ) -> dict[str, torch.Tensor]:
-    """The three weighted terms of T_x's loss: ``{"ce", "class", "pretrained"}``.
+    """The three weighted terms of T_x's loss ``{"ce", "class", "pretrained"}``; the loss is their sum.
 
     ``ce = CE(logits, labels)``; ``class = w_class * mean(1 - cos(n_class, n_relaxed))`` with
     ``n_class = class_text[labels]``, the class-name prompt embedding of each sample's label (``class_text``
@@ -34,17 +32,3 @@ def hierarchical_terms(
         "class": w_class * cosine_distance(class_text[labels], relaxed),
         "pretrained": w_pre * cosine_distance(relaxed, relaxed_pretrained),
     }
-
-
-@LOSSES.register("hierarchical")
-def hierarchical_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    relaxed: torch.Tensor,
-    class_text: torch.Tensor,
-    relaxed_pretrained: torch.Tensor,
-    w_class: float = 0.2,
-    w_pre: float = 0.005,
-) -> torch.Tensor:
-    """``CE + w_class (1 - cos(n_class, n_relaxed)) + w_pre (1 - cos(n_relaxed, n_pretrained))``, batch means."""
-    return sum(hierarchical_terms(logits, labels, relaxed, class_text, relaxed_pretrained, w_class, w_pre).values())

@@ -30,7 +30,7 @@ from crossmodal_kd.models.io import attach_spec
 from crossmodal_kd.losses import text_anchored_contrastive
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.models.aligned import TextTower, prompt_embeddings
-from crossmodal_kd.params import PositiveFloat
+from crossmodal_kd.params import Params as BaseParams, PositiveFloat
 from crossmodal_kd.registry import METHODS, NETWORKS
 
 DIGIT_TEMPLATES = ("a photo of the number {}.", "a handwritten digit {}.", "the number {}.")
@@ -47,34 +47,30 @@ class AlignToText(Method):
     ``class_names``: override the dataset's (e.g. to spell digit labels as words).
     """
 
-    def __init__(
-        self,
-        ctx: BuildContext,
-        image: dict[str, Any],
-        text: dict[str, Any] | None = None,
-        templates: Sequence[str] = DIGIT_TEMPLATES,
-        temperature: PositiveFloat = 0.07,
-        class_names: Sequence[str] | None = None,
-    ) -> None:
+    class Params(BaseParams):
+        image: dict[str, Any]
+        text: dict[str, Any] | None = None
+        templates: Sequence[str] = DIGIT_TEMPLATES
+        temperature: PositiveFloat = 0.07
+        class_names: Sequence[str] | None = None
+
+    def __init__(self, ctx: BuildContext, params: AlignToText.Params) -> None:
         super().__init__(ctx)
-        text = {"model": "minilm", "pooling": "mean", "max_length": 64, **(text or {})}
+        image, templates, temperature = params.image, params.templates, params.temperature
+        text = {"model": "minilm", "pooling": "mean", "max_length": 64, **(params.text or {})}
         unknown = set(text) - {"model", "pooling", "max_length", "allow_download"}
         if unknown:
             raise ConfigError(f"{ctx.where}.text: unknown key(s) {', '.join(sorted(unknown))}; valid: model, pooling, max_length, allow_download")
         unknown = set(image) - {"encoder", "modality"}
         if unknown or "encoder" not in image:
             raise ConfigError(f"{ctx.where}.image: expected {{encoder: {{name, params}}, modality: image}}, got {image!r}")
-        names = list(class_names or ctx.class_names)
-        if len(names) != ctx.num_classes:
-            raise ConfigError(
-                f"{ctx.where}: {len(names)} class names for {ctx.num_classes} classes; set class_names to one name per class"
-            )
+        names = ctx.class_names_or(params.class_names)
         tower = TextTower(**text)
         with torch.no_grad():
             prompts = prompt_embeddings(tower, names, templates)  # (C, K, D), frozen
         del tower  # the text tower is no longer needed: the prompts are all the stage reads
         self.register_buffer("prompts", prompts, persistent=False)
-        params = {
+        net_params = {
             "encoder": dict(image["encoder"]),
             "modality": image.get("modality", "image"),
             "embed_dim": int(prompts.shape[-1]),
@@ -82,8 +78,8 @@ class AlignToText(Method):
             "temperature": float(temperature),
         }
         context = {"input_shapes": ctx.input_shapes, "num_classes": ctx.num_classes}
-        net = NETWORKS.build("text_aligned_image", params, where=f"{ctx.where}.image", **context)
-        self.model = attach_spec(net, "networks", "text_aligned_image", params, context)
+        net = NETWORKS.build("text_aligned_image", net_params, where=f"{ctx.where}.image", **context)
+        self.model = attach_spec(net, "networks", "text_aligned_image", net_params, context)
         with torch.no_grad():
             self.model.class_text.copy_(torch.nn.functional.normalize(prompts.mean(1), dim=-1))
         self.temperature = float(temperature)

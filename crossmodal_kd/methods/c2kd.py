@@ -8,7 +8,7 @@ from torch import nn
 from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import drop_target, kd_kl, non_target_kl
 from crossmodal_kd.methods.kd import Distiller
-from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat
+from crossmodal_kd.params import NonNegativeFloat, PositiveFloat
 from crossmodal_kd.registry import METHODS
 
 
@@ -40,26 +40,23 @@ class C2KD(Distiller):
       non-target classes alike: Kendall's tau above ``krc_threshold`` (0 in the public code), recomputed
       on every batch. Filtered samples count as zero in the batch mean, as in the public code.
 
-    Loss: ``w_ce CE + w_proxy (proxy terms) + w_nt (both masked non-target KLs)``; ``tau`` is the
-    temperature of every KL (1 in the public code). Logged: mean Kendall tau and the fraction kept.
+    Loss: ``w_ce CE + w_proxy (proxy terms) + w_nt (both masked non-target KLs)`` (plus ``w_kd`` KD from the
+    teacher, default 0); ``tau`` is the temperature of every KL (1 in the public code). Logged: mean Kendall
+    tau and the fraction kept.
     """
 
-    def __init__(
-        self,
-        ctx: BuildContext,
-        student: NetworkName,
-        teacher: ModelRefSpec,
-        krc_threshold: float = 0.0,
-        tau: PositiveFloat = 1.0,
-        w_ce: NonNegativeFloat = 1.0,
-        w_proxy: NonNegativeFloat = 1.0,
-        w_nt: NonNegativeFloat = 1.0,
-        student_init: ModelRefSpec | None = None,
-    ) -> None:
-        super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd=0.0)
+    class Params(Distiller.Params):
+        krc_threshold: float = 0.0
+        tau: PositiveFloat = 1.0
+        w_proxy: NonNegativeFloat = 1.0
+        w_nt: NonNegativeFloat = 1.0
+        w_kd: NonNegativeFloat = 0.0
+
+    def __init__(self, ctx: BuildContext, params: C2KD.Params) -> None:
+        super().__init__(ctx, params)
         self.proxy_s = proxy_head(self.student.feature_dim, ctx.num_classes)
         self.proxy_t = proxy_head(self.teacher.module.feature_dim, ctx.num_classes)
-        self.krc_threshold, self.w_proxy, self.w_nt = krc_threshold, w_proxy, w_nt
+        self.krc_threshold, self.w_proxy, self.w_nt = params.krc_threshold, params.w_proxy, params.w_nt
 
     def forward(self, batch):
         out = self.student(batch)

@@ -1,11 +1,12 @@
-"""Collaborative initialisation (MST-Distill stage 1; deep mutual learning for N networks)."""
+"""Collaborative initialisation (MST-Distill stage 1): deep mutual learning (Zhang et al., CVPR 2018) for N
+networks."""
 
 from __future__ import annotations
 
 from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import cross_entropy, kd_kl
 from crossmodal_kd.methods.base import Method
-from crossmodal_kd.params import NetworkName, NonNegativeFloat, PositiveFloat
+from crossmodal_kd.params import NetworkName, NonNegativeFloat, Params as BaseParams, PositiveFloat
 from crossmodal_kd.registry import METHODS
 from torch import nn
 
@@ -19,19 +20,18 @@ class Collaborative(Method):
     learning); without it, the KL terms also push the peers (the public MST-Distill code).
     """
 
-    def __init__(
-        self,
-        ctx: BuildContext,
-        networks: dict[str, NetworkName],
-        tau: PositiveFloat = 4.0,
-        w_kd: NonNegativeFloat = 1.0,
-        detach_peers: bool = True,
-    ) -> None:
+    class Params(BaseParams):
+        networks: dict[str, NetworkName]
+        tau: PositiveFloat = 4.0
+        w_kd: NonNegativeFloat = 1.0
+        detach_peers: bool = True
+
+    def __init__(self, ctx: BuildContext, params: Collaborative.Params) -> None:
         super().__init__(ctx)
-        if len(networks) < 2:
+        if len(params.networks) < 2:
             raise ValueError(f"{ctx.where}.networks: collaborative training needs at least two networks")
-        self.nets = nn.ModuleDict({name: ctx.network(net) for name, net in networks.items()})
-        self.tau, self.w_kd, self.detach_peers = tau, w_kd, detach_peers
+        self.nets = nn.ModuleDict({name: ctx.network(net) for name, net in params.networks.items()})
+        self.tau, self.w_kd, self.detach_peers = params.tau, params.w_kd, params.detach_peers
 
     def forward(self, batch):
         logits = {name: net(batch)["logits"] for name, net in self.nets.items()}

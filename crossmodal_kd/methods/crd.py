@@ -10,7 +10,7 @@ from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.methods.collectives import gather_cat, global_mean
 from crossmodal_kd.losses import nce_loss
 from crossmodal_kd.methods.kd import Distiller
-from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from crossmodal_kd.params import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from crossmodal_kd.registry import METHODS
 
 
@@ -42,32 +42,27 @@ class CRD(Distiller):
     (CE stays at chance). ``warmup_epochs=0`` is RepDistiller's schedule.
     """
 
-    def __init__(
-        self,
-        ctx: BuildContext,
-        student: NetworkName,
-        teacher: ModelRefSpec,
-        bank_size: PositiveInt | None = None,
-        feat_dim: PositiveInt = 128,
-        nce_k: PositiveInt = 4096,
-        nce_t: PositiveFloat = 0.07,
-        momentum: Probability = 0.5,
-        w_crd: NonNegativeFloat = 0.8,
-        tau: PositiveFloat = 4.0,
-        w_ce: NonNegativeFloat = 1.0,
-        w_kd: NonNegativeFloat = 0.0,
-        warmup_epochs: NonNegativeInt = 0,
-        student_init: ModelRefSpec | None = None,
-    ) -> None:
-        super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd)
-        bank_size = bank_size or ctx.num_train
+    class Params(Distiller.Params):
+        bank_size: PositiveInt | None = None
+        feat_dim: PositiveInt = 128
+        nce_k: PositiveInt = 4096
+        nce_t: PositiveFloat = 0.07
+        momentum: Probability = 0.5
+        w_crd: NonNegativeFloat = 0.8
+        w_kd: NonNegativeFloat = 0.0
+        warmup_epochs: NonNegativeInt = 0
+
+    def __init__(self, ctx: BuildContext, params: CRD.Params) -> None:
+        super().__init__(ctx, params)
+        bank_size, feat_dim = params.bank_size or ctx.num_train, params.feat_dim
         self.embed_s = Embed(self.student.feature_dim, feat_dim)
         self.embed_t = Embed(self.teacher.module.feature_dim, feat_dim)
-        self.bank_size, self.nce_k, self.nce_t, self.momentum, self.w_crd = bank_size, nce_k, nce_t, momentum, w_crd
+        self.bank_size, self.nce_k, self.nce_t = bank_size, params.nce_k, params.nce_t
+        self.momentum, self.w_crd = params.momentum, params.w_crd
         self.register_buffer("bank_s", F.normalize(torch.randn(bank_size, feat_dim), dim=1))
         self.register_buffer("bank_t", F.normalize(torch.randn(bank_size, feat_dim), dim=1))
         self.register_buffer("z", torch.zeros(2))  # normalisers (student side, teacher side); 0 = not set yet
-        self.warmup_epochs = warmup_epochs
+        self.warmup_epochs = params.warmup_epochs
         self.warmup_factor = self._warmup_factor(0)
 
     def _warmup_factor(self, epoch: int) -> float:

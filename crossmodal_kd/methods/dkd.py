@@ -2,34 +2,33 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import non_target_kl, target_kl
 from crossmodal_kd.methods.kd import Distiller
-from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, NonNegativeInt, PositiveFloat
+from crossmodal_kd.params import NonNegativeFloat, NonNegativeInt
 from crossmodal_kd.registry import METHODS
 
 
 @METHODS.register("dkd")
 class DKD(Distiller):
-    """``w_ce CE + warm-up * (alpha TCKD + beta NCKD)``; the warm-up factor is ``min((epoch + 1) / warmup, 1)``.
+    """``w_ce CE + warm-up * (w_tckd TCKD + w_nckd NCKD)``; the warm-up factor is ``min((epoch + 1) / warmup, 1)``.
 
-    Defaults are the paper's CIFAR-100 settings (alpha 1, beta 8, tau 4, 20 warm-up epochs).
+    Defaults are the paper's CIFAR-100 settings (its alpha 1 = ``w_tckd``, beta 8 = ``w_nckd``, tau 4, 20
+    warm-up epochs). ``w_kd`` (default 0) adds Hinton's KD term on top, as for every :class:`Distiller`.
     """
 
-    def __init__(
-        self,
-        ctx: BuildContext,
-        student: NetworkName,
-        teacher: ModelRefSpec,
-        alpha: NonNegativeFloat = 1.0,
-        beta: NonNegativeFloat = 8.0,
-        tau: PositiveFloat = 4.0,
-        warmup: NonNegativeInt = 20,
-        w_ce: NonNegativeFloat = 1.0,
-        student_init: ModelRefSpec | None = None,
-    ) -> None:
-        super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd=0.0)
-        self.alpha, self.beta, self.warmup = alpha, beta, warmup
+    class Params(Distiller.Params):
+        renamed: ClassVar[dict[str, str]] = {"alpha": "w_tckd", "beta": "w_nckd"}
+        w_tckd: NonNegativeFloat = 1.0
+        w_nckd: NonNegativeFloat = 8.0
+        warmup: NonNegativeInt = 20
+        w_kd: NonNegativeFloat = 0.0
+
+    def __init__(self, ctx: BuildContext, params: DKD.Params) -> None:
+        super().__init__(ctx, params)
+        self.w_tckd, self.w_nckd, self.warmup = params.w_tckd, params.w_nckd, params.warmup
         self.warmup_factor = self._warmup_factor(0)
 
     def _warmup_factor(self, epoch: int) -> float:
@@ -47,6 +46,6 @@ class DKD(Distiller):
         t_logits = self.teacher(batch)["logits"]
         y, w = batch["label"], self.warmup_factor
         losses = self.logit_losses(out["logits"], t_logits, y)
-        losses["tckd"] = w * self.alpha * target_kl(out["logits"], t_logits, y, self.tau)
-        losses["nckd"] = w * self.beta * non_target_kl(out["logits"], t_logits, y, self.tau)
+        losses["tckd"] = w * self.w_tckd * target_kl(out["logits"], t_logits, y, self.tau)
+        losses["nckd"] = w * self.w_nckd * non_target_kl(out["logits"], t_logits, y, self.tau)
         return out, losses

@@ -8,7 +8,7 @@ from crossmodal_kd.config import ConfigError
 from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import hint_mse
 from crossmodal_kd.methods.kd import Distiller
-from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat
+from crossmodal_kd.params import NonNegativeFloat
 from crossmodal_kd.registry import METHODS
 
 
@@ -22,23 +22,17 @@ class FitNets(Distiller):
     the only layer every network exposes.
     """
 
-    def __init__(
-        self,
-        ctx: BuildContext,
-        student: NetworkName,
-        teacher: ModelRefSpec,
-        w_hint: NonNegativeFloat = 100.0,
-        hint_only: bool = False,
-        tau: PositiveFloat = 4.0,
-        w_ce: NonNegativeFloat = 1.0,
-        w_kd: NonNegativeFloat = 0.0,
-        student_init: ModelRefSpec | None = None,
-    ) -> None:
-        super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd)
-        if hint_only and w_hint <= 0:
-            raise ConfigError(f"{ctx.where}: hint_only needs w_hint > 0, got {w_hint}")
-        self.w_hint, self.hint_only = w_hint, hint_only
-        if w_hint > 0:
+    class Params(Distiller.Params):
+        w_hint: NonNegativeFloat = 100.0
+        hint_only: bool = False
+        w_kd: NonNegativeFloat = 0.0
+
+    def __init__(self, ctx: BuildContext, params: FitNets.Params) -> None:
+        super().__init__(ctx, params)
+        if params.hint_only and params.w_hint <= 0:
+            raise ConfigError(f"{ctx.where}: hint_only needs w_hint > 0, got {params.w_hint}")
+        self.w_hint, self.hint_only = params.w_hint, params.hint_only
+        if self.w_hint > 0:
             self.regressor = nn.Linear(self.student.feature_dim, self.teacher.module.feature_dim)
 
     def forward(self, batch):

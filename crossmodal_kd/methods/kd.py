@@ -9,7 +9,7 @@ import torch
 from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import cross_entropy, kd_kl
 from crossmodal_kd.methods.base import Method
-from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat
+from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, Params as BaseParams, PositiveFloat
 from crossmodal_kd.registry import METHODS
 
 
@@ -29,23 +29,23 @@ class Distiller(Method):
     """``student`` (a name under ``networks:``) learns from ``teacher`` (a ``{stage, model}`` or ``{path}`` ref).
 
     :meth:`logit_losses` gives ``w_ce * CE`` and, when ``w_kd > 0``, ``w_kd * tau^2 KL(p_t || p_s)``;
-    subclasses add their own terms. Saved model: ``student``.
+    subclasses add their own terms and parameters (``class Params(Distiller.Params)``, overriding defaults
+    where theirs differ). ``student_init``: start the student from a trained model. Saved model: ``student``.
     """
 
-    def __init__(
-        self,
-        ctx: BuildContext,
-        student: str,
-        teacher: dict,
-        student_init: dict | None,
-        tau: float,
-        w_ce: float,
-        w_kd: float,
-    ) -> None:
+    class Params(BaseParams):
+        student: NetworkName
+        teacher: ModelRefSpec
+        student_init: ModelRefSpec | None = None
+        tau: PositiveFloat = 4.0
+        w_ce: NonNegativeFloat = 1.0
+        w_kd: NonNegativeFloat = 1.0
+
+    def __init__(self, ctx: BuildContext, params: Distiller.Params) -> None:
         super().__init__(ctx)
-        self.student = build_student(ctx, student, student_init)
-        self.teacher = self.freeze("teacher", ctx.load(teacher, key="teacher"))
-        self.tau, self.w_ce, self.w_kd = tau, w_ce, w_kd
+        self.student = build_student(ctx, params.student, params.student_init)
+        self.teacher = self.freeze("teacher", ctx.load(params.teacher, key="teacher"))
+        self.tau, self.w_ce, self.w_kd = params.tau, params.w_ce, params.w_kd
 
     def logit_losses(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
@@ -61,19 +61,8 @@ class Distiller(Method):
 
 @METHODS.register("kd")
 class KD(Distiller):
-    """Classic KD (Hinton et al., 2015): ``w_ce * CE + w_kd * tau^2 * KL(p_teacher || p_student)``."""
-
-    def __init__(
-        self,
-        ctx: BuildContext,
-        student: NetworkName,
-        teacher: ModelRefSpec,
-        tau: PositiveFloat = 4.0,
-        w_ce: NonNegativeFloat = 1.0,
-        w_kd: NonNegativeFloat = 1.0,
-        student_init: ModelRefSpec | None = None,
-    ) -> None:
-        super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd)
+    """Classic KD (Hinton et al., 2015): ``w_ce * CE + w_kd * tau^2 * KL(p_teacher || p_student)``; the parameters
+    are :class:`Distiller`'s."""
 
     def forward(self, batch):
         out = self.student(batch)

@@ -9,7 +9,7 @@ from crossmodal_kd.models.io import attach_spec
 from crossmodal_kd.losses import kd_kl
 from crossmodal_kd.models.masks import attached, layer_output_shape
 from crossmodal_kd.methods.base import Method
-from crossmodal_kd.params import MaskSpec, ModelRefSpec, PositiveFloat
+from crossmodal_kd.params import MaskSpec, ModelRefSpec, Params as BaseParams, PositiveFloat
 from crossmodal_kd.registry import MASKS, METHODS
 
 
@@ -23,19 +23,24 @@ class MaskTraining(Method):
     The saved model ``mask`` is evaluated as the teacher with this mask (and only this one) active.
     """
 
-    def __init__(
-        self, ctx: BuildContext, teacher: ModelRefSpec, student: ModelRefSpec, layer: str, mask: MaskSpec | None = None, tau: PositiveFloat = 4.0
-    ) -> None:
+    class Params(BaseParams):
+        teacher: ModelRefSpec
+        student: ModelRefSpec
+        layer: str
+        mask: MaskSpec | None = None
+        tau: PositiveFloat = 4.0
+
+    def __init__(self, ctx: BuildContext, params: MaskTraining.Params) -> None:
         super().__init__(ctx)
-        mask = mask or {"name": "channel_gate"}
-        self.teacher = self.freeze("teacher", ctx.load(teacher, key="teacher"), serve=False)  # run with the mask below
-        self.student = self.freeze("student", ctx.load(student, key="student"))
-        self.layer, self.tau = layer, tau
-        shape = layer_output_shape(self.teacher.module, layer, ctx.sample_batch)
+        mask = params.mask or {"name": "channel_gate"}
+        self.teacher = self.freeze("teacher", ctx.load(params.teacher, key="teacher"), serve=False)  # run with the mask below
+        self.student = self.freeze("student", ctx.load(params.student, key="student"))
+        self.layer, self.tau = params.layer, params.tau
+        shape = layer_output_shape(self.teacher.module, self.layer, ctx.sample_batch)
         context = {"channels": shape[1], "spatial": math.prod(shape[2:]) > 1}  # `spatial`: for masks that summarise conv maps
-        params = mask.get("params", {})
+        mask_params = mask.get("params", {})
         self.mask = attach_spec(
-            MASKS.build(mask["name"], params, where=f"{ctx.where}.mask.params", **context), "masks", mask["name"], params, context
+            MASKS.build(mask["name"], mask_params, where=f"{ctx.where}.mask.params", **context), "masks", mask["name"], mask_params, context
         )
 
     def masked_logits(self, batch):

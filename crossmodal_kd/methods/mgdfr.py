@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossmodal_kd.config import ConfigError
 from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.models.masks import attached, layer_output_shape
 from crossmodal_kd.methods.kd import Distiller
-from crossmodal_kd.params import Fraction, ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat, PositiveInt
+from crossmodal_kd.params import Fraction, ModelRefSpec, PositiveInt
 from crossmodal_kd.registry import METHODS
 
 
@@ -76,39 +75,30 @@ class MGDFR(Distiller):
     the channels in at most ``FAST_DEV_SALIENCE_PASSES`` groups, one shuffle each.
     """
 
-    def __init__(
-        self,
-        ctx: BuildContext,
-        student: NetworkName,
-        teacher: ModelRefSpec,
-        reference: ModelRefSpec,
-        layer: str,
-        remove_ratio: Fraction = 0.75,
-        repeats: PositiveInt = 3,
-        tau: PositiveFloat = 4.0,
-        w_ce: NonNegativeFloat = 1.0,
-        w_kd: NonNegativeFloat = 1.0,
-        student_init: ModelRefSpec | None = None,
-    ) -> None:
-        super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd)
-        if not 0.0 <= remove_ratio < 1.0:
-            raise ConfigError(f"{ctx.where}.remove_ratio: must be in [0, 1), got {remove_ratio}")
-        self.layer = layer
-        reference_net = ctx.load(reference, key="reference").eval()
+    class Params(Distiller.Params):
+        reference: ModelRefSpec
+        layer: str
+        remove_ratio: Fraction = 0.75
+        repeats: PositiveInt = 3
+
+    def __init__(self, ctx: BuildContext, params: MGDFR.Params) -> None:
+        super().__init__(ctx, params)
+        self.layer = params.layer
+        reference_net = ctx.load(params.reference, key="reference").eval()
         with torch.no_grad():
             reference_logits = reference_net(ctx.sample_batch)["logits"]
         salience = permutation_salience(
-            self.teacher.module, layer, ctx.sample_batch, reference_logits,
-            repeats=ctx.bound(repeats, 1), max_passes=ctx.bound(None, FAST_DEV_SALIENCE_PASSES),
+            self.teacher.module, self.layer, ctx.sample_batch, reference_logits,
+            repeats=ctx.bound(params.repeats, 1), max_passes=ctx.bound(None, FAST_DEV_SALIENCE_PASSES),
         )
         keep = torch.ones_like(salience, dtype=torch.bool)
-        keep[salience.argsort()[: int(remove_ratio * len(salience))]] = False
+        keep[salience.argsort()[: int(params.remove_ratio * len(salience))]] = False
         self.register_buffer("salience", salience)
         self.register_buffer("keep", keep)
         # replaces the plain teacher call: the removed channels take their *batch* mean (as the public code
         # does), so a sample's target depends on its batch and cannot be stored per sample
         self.teacher = self.teacher_call(
-            "teacher", self._hooked_logits, [self.teacher.module], {"layer": layer}, deterministic=False
+            "teacher", self._hooked_logits, [self.teacher.module], {"layer": self.layer}, deterministic=False
         )
 
     def _hooked_logits(self, batch) -> torch.Tensor:

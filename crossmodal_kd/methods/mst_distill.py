@@ -16,7 +16,7 @@ from crossmodal_kd.losses import cross_entropy, kd_kl, load_balance_kl
 from crossmodal_kd.models.masks import attached
 from crossmodal_kd.methods.base import Method
 from crossmodal_kd.methods.kd import build_student
-from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat, RouterSpec, TeacherEntry
+from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, Params as BaseParams, PositiveFloat, RouterSpec, TeacherEntry
 from crossmodal_kd.registry import METHODS, ROUTERS
 
 
@@ -70,36 +70,31 @@ class MSTDistill(Method):
     true class); ``result.json`` repeats them under ``routing``.
     """
 
-    def __init__(
-        self,
-        ctx: BuildContext,
-        student: NetworkName,
-        teachers: list[TeacherEntry],
-        router: RouterSpec | None = None,
-        student_init: ModelRefSpec | None = None,
-        tau: PositiveFloat = 4.0,
-        w_ce: NonNegativeFloat = 1.0,
-        w_kd: NonNegativeFloat = 1.0,
-        w_lb: NonNegativeFloat = 0.5,
-        w_route: NonNegativeFloat = 1.0,
-        schedules: dict[str, dict[str, float]] | None = None,
-        mask_hooks: Literal["single", "parity"] = "single",
-        lb_reduction: Literal["sum", "batchmean"] = "sum",
-        val_loss: Literal["objective", "ce"] = "objective",
-    ) -> None:
+    class Params(BaseParams):
+        student: NetworkName
+        teachers: list[TeacherEntry]
+        router: RouterSpec | None = None
+        student_init: ModelRefSpec | None = None
+        tau: PositiveFloat = 4.0
+        w_ce: NonNegativeFloat = 1.0
+        w_kd: NonNegativeFloat = 1.0
+        w_lb: NonNegativeFloat = 0.5
+        w_route: NonNegativeFloat = 1.0
+        schedules: dict[str, dict[str, float]] | None = None
+        mask_hooks: Literal["single", "parity"] = "single"
+        lb_reduction: Literal["sum", "batchmean"] = "sum"
+        val_loss: Literal["objective", "ce"] = "objective"
+
+    def __init__(self, ctx: BuildContext, params: MSTDistill.Params) -> None:
         super().__init__(ctx)
-        if not teachers:
+        if not params.teachers:
             raise ConfigError(f"{ctx.where}.teachers: at least one teacher is required")
-        for key, value, allowed in (("mask_hooks", mask_hooks, ("single", "parity")), ("lb_reduction", lb_reduction, ("sum", "batchmean")),
-                                    ("val_loss", val_loss, ("objective", "ce"))):
-            if value not in allowed:
-                raise ConfigError(f"{ctx.where}.{key}: expected one of {', '.join(allowed)}, got '{value}'")
-        self.mask_hooks, self.lb_reduction, self.val_loss = mask_hooks, lb_reduction, val_loss
-        self.student = build_student(ctx, student, student_init)
+        self.mask_hooks, self.lb_reduction, self.val_loss = params.mask_hooks, params.lb_reduction, params.val_loss
+        self.student = build_student(ctx, params.student, params.student_init)
         self._networks: dict[str, nn.Module] = {}
         self._hooks_on: dict[int, list[tuple[str, nn.Module]]] = {}  # network id -> masks hooked so far (parity)
-        self.teachers = [self._teacher(ctx, i, entry) for i, entry in enumerate(teachers)]
-        router = router or {"name": "gate"}
+        self.teachers = [self._teacher(ctx, i, entry) for i, entry in enumerate(params.teachers)]
+        router = params.router or {"name": "gate"}
         try:
             self.router = ROUTERS.build_spec(
                 router, where=f"{ctx.where}.router",
@@ -107,9 +102,9 @@ class MSTDistill(Method):
             )
         except ValueError as exc:
             raise ConfigError(f"{ctx.where}.router.params: {exc}") from None
-        self.tau = tau
-        self.base_weights = {"w_ce": w_ce, "w_kd": w_kd, "w_lb": w_lb, "w_route": w_route}
-        self.schedules = schedules or {}
+        self.tau = params.tau
+        self.base_weights = {"w_ce": params.w_ce, "w_kd": params.w_kd, "w_lb": params.w_lb, "w_route": params.w_route}
+        self.schedules = params.schedules or {}
         for key, sched in self.schedules.items():
             if key not in self.base_weights or not {"every", "factor"} <= set(sched) <= {"every", "factor", "include_epoch_0"} or int(sched["every"]) < 1:
                 raise ConfigError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import rkd_angle, rkd_distance
 from crossmodal_kd.methods.kd import Distiller
-from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat
+from crossmodal_kd.params import NonNegativeFloat
 from crossmodal_kd.registry import METHODS
 
 
@@ -17,20 +17,14 @@ class RKD(Distiller):
     weights 25 and 50, no logit KD.
     """
 
-    def __init__(
-        self,
-        ctx: BuildContext,
-        student: NetworkName,
-        teacher: ModelRefSpec,
-        w_distance: NonNegativeFloat = 25.0,
-        w_angle: NonNegativeFloat = 50.0,
-        tau: PositiveFloat = 4.0,
-        w_ce: NonNegativeFloat = 1.0,
-        w_kd: NonNegativeFloat = 0.0,
-        student_init: ModelRefSpec | None = None,
-    ) -> None:
-        super().__init__(ctx, student, teacher, student_init, tau, w_ce, w_kd)
-        self.w_distance, self.w_angle = w_distance, w_angle
+    class Params(Distiller.Params):
+        w_distance: NonNegativeFloat = 25.0
+        w_angle: NonNegativeFloat = 50.0
+        w_kd: NonNegativeFloat = 0.0
+
+    def __init__(self, ctx: BuildContext, params: RKD.Params) -> None:
+        super().__init__(ctx, params)
+        self.w_distance, self.w_angle = params.w_distance, params.w_angle
 
     def forward(self, batch):
         out = self.student(batch)

@@ -1,4 +1,4 @@
-"""TMKD (SPEC 4; Zhang et al., arXiv 2603.24208): a text-guided multi-view teacher distilled into an RGB student.
+"""TMKD (Zhang et al., arXiv 2603.24208): a text-guided multi-view teacher distilled into an RGB student.
 
 Two stages:
 
@@ -14,15 +14,16 @@ Two stages:
 ``tmkd``
     The RGB-only student::
 
-        L_all = CE + alpha * tau^2 KL(p_t^tau || p_s^tau)                       (logged as ``kd``)
-                   + beta  * CE_c( cos(P_txt f_s, a_c) / crd_temperature )      (``crd``)
-                   + gamma * MSE( P_feat f_s, F_t + sigma * N(0, I) )           (``feat``)
+        L_all = w_ce * CE + w_kd * tau^2 KL(p_t^tau || p_s^tau)                  (logged as ``ce``, ``kd``)
+                          + w_crd  * CE_c( cos(P_txt f_s, a_c) / crd_temperature )  (``crd``)
+                          + w_feat * MSE( P_feat f_s, F_t + sigma * N(0, I) )       (``feat``)
 
     ``f_s``: the student's features; ``a_c``: the backend's text embedding of the class prompt
     ("a photo of a {c}.", averaged over ``class_prompts``), the anchor of class ``c``; ``F_t``: the
     teacher's fused features ``sum_v w_v f_v``, perturbed by Gaussian noise on the teacher side only.
     ``P_txt`` and ``P_feat`` are linear projection heads trained with the student. A weight of 0 removes
-    its term and its head (and, for ``beta``, the backend).
+    its term and its head (and, for ``w_crd``, the backend). The paper's alpha, beta and gamma are
+    ``w_kd``, ``w_crd`` and ``w_feat`` here (the old keys fail naming the new ones).
 
 Label use, stated plainly: with ``class_source: label`` (the paper's) the text-guided router reads each
 sample's label to fill the prompts, so the *teacher's* reported validation/test accuracy is not a
@@ -32,7 +33,7 @@ label-free number (the weights see the label); the student never reads labels at
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +45,11 @@ from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import perturbed_feature_mse, text_anchored_contrastive
 from crossmodal_kd.methods.kd import Distiller
 from crossmodal_kd.methods.supervised import Supervised
-from crossmodal_kd.params import ModelRefSpec, NetworkName, NonNegativeFloat, PositiveFloat
+from crossmodal_kd.params import NonNegativeFloat, PositiveFloat
 from crossmodal_kd.registry import METHODS
 
 CLASS_PROMPTS = ("a photo of a {}.",)
-"""The text anchors of the contrastive term: the class prompt of SPEC 4."""
+"""The text anchors of the contrastive term: the class prompt of TMKD (Zhang et al., arXiv 2603.24208)."""
 
 
 @METHODS.register("tmkd_teacher")
@@ -82,43 +83,32 @@ class TMKD(Distiller):
     ``student``: a network under ``networks:`` reading RGB only; ``teacher``: the ``tmkd_teacher`` stage
     (``{stage, model}`` or ``{path}``; any network with ``features`` fits). ``backend``: the CLIP backend
     ``{name, params}`` whose text tower embeds the class prompts (``image_model`` may be a ``{stage}``
-    reference); needed only when ``beta > 0``. ``class_names``: override the dataset's.
+    reference); needed only when ``w_crd > 0``. ``class_names``: override the dataset's.
 
     Defaults (the paper's values are not public): every weight 1, ``tau`` 4, ``sigma`` 0.1 (absolute, in
     the teacher's feature units), ``crd_temperature`` 0.07.
     """
 
-    def __init__(
-        self,
-        ctx: BuildContext,
-        student: NetworkName,
-        teacher: ModelRefSpec,
-        backend: dict[str, Any] | None = None,
-        class_prompts: Sequence[str] = CLASS_PROMPTS,
-        class_names: Sequence[str] | None = None,
-        alpha: NonNegativeFloat = 1.0,
-        beta: NonNegativeFloat = 1.0,
-        gamma: NonNegativeFloat = 1.0,
-        tau: PositiveFloat = 4.0,
-        sigma: NonNegativeFloat = 0.1,
-        crd_temperature: PositiveFloat = 0.07,
-        w_ce: NonNegativeFloat = 1.0,
-        student_init: ModelRefSpec | None = None,
-    ) -> None:
-        for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("sigma", sigma), ("w_ce", w_ce)):
-            if value < 0:
-                raise ConfigError(f"{ctx.where}.{key}: must be >= 0, got {value}")
-        if crd_temperature <= 0 or tau <= 0:
-            raise ConfigError(f"{ctx.where}: tau and crd_temperature must be > 0, got {tau} and {crd_temperature}")
-        super().__init__(ctx, student, teacher, student_init, tau, w_ce, alpha)
-        self.beta, self.gamma = float(beta), float(gamma)
-        self.sigma, self.crd_temperature = float(sigma), float(crd_temperature)
+    class Params(Distiller.Params):
+        renamed: ClassVar[dict[str, str]] = {"alpha": "w_kd", "beta": "w_crd", "gamma": "w_feat"}
+        backend: dict[str, Any] | None = None
+        class_prompts: Sequence[str] = CLASS_PROMPTS
+        class_names: Sequence[str] | None = None
+        w_crd: NonNegativeFloat = 1.0
+        w_feat: NonNegativeFloat = 1.0
+        sigma: NonNegativeFloat = 0.1
+        crd_temperature: PositiveFloat = 0.07
+
+    def __init__(self, ctx: BuildContext, params: TMKD.Params) -> None:
+        super().__init__(ctx, params)
+        self.w_crd, self.w_feat = float(params.w_crd), float(params.w_feat)
+        self.sigma, self.crd_temperature = float(params.sigma), float(params.crd_temperature)
         self.teacher_views = tuple(getattr(self.teacher.module, "modalities", ()))
-        if self.beta > 0:
-            anchors = self._class_anchors(ctx, backend, list(class_prompts), class_names)
+        if self.w_crd > 0:
+            anchors = self._class_anchors(ctx, params.backend, list(params.class_prompts), params.class_names)
             self.register_buffer("anchors", anchors, persistent=False)  # (C, D), frozen text anchors
             self.crd_head = nn.Linear(self.student.feature_dim, anchors.shape[1])
-        if self.gamma > 0:
+        if self.w_feat > 0:
             self.feat_head = nn.Linear(self.student.feature_dim, self.teacher.module.feature_dim)
 
     @staticmethod
@@ -127,12 +117,10 @@ class TMKD(Distiller):
     ) -> torch.Tensor:
         """``(C, D)``: each class's prompt embeddings averaged over ``templates``, unit norm."""
         if backend is None:
-            raise ConfigError(f"{ctx.where}.backend: the text-anchored term (beta > 0) needs a CLIP backend {{name, params}}; or set beta: 0")
+            raise ConfigError(f"{ctx.where}.backend: the text-anchored term (w_crd > 0) needs a CLIP backend {{name, params}}; or set w_crd: 0")
         if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
             raise ConfigError(f"{ctx.where}.class_prompts: give templates with exactly one '{{}}' each, got {templates!r}")
-        names = list(class_names or ctx.class_names)
-        if len(names) != ctx.num_classes:
-            raise ConfigError(f"{ctx.where}: {len(names)} class names for {ctx.num_classes} classes; set class_names")
+        names = ctx.class_names_or(class_names)
         spec = ctx.backend_spec(backend)
         clip = build_clip_backend(spec["name"], spec.get("params")).eval()
         text = clip.encode_text([t.format(c) for c in names for t in templates]).view(len(names), len(templates), -1)
@@ -143,11 +131,11 @@ class TMKD(Distiller):
         t_out = self.teacher(batch)
         labels = batch["label"]
         losses = self.logit_losses(out["logits"], t_out["logits"], labels)
-        if self.beta > 0:
+        if self.w_crd > 0:
             embedded = self.crd_head(out["features"])
-            losses["crd"] = self.beta * text_anchored_contrastive(embedded, self.anchors, labels, self.crd_temperature)
-        if self.gamma > 0:
-            losses["feat"] = self.gamma * perturbed_feature_mse(self.feat_head(out["features"]), t_out["features"], self.sigma)
+            losses["crd"] = self.w_crd * text_anchored_contrastive(embedded, self.anchors, labels, self.crd_temperature)
+        if self.w_feat > 0:
+            losses["feat"] = self.w_feat * perturbed_feature_mse(self.feat_head(out["features"]), t_out["features"], self.sigma)
         if "view_weights" in t_out:
             weights = t_out["view_weights"].detach()
             for i, view in enumerate(self.teacher_views):

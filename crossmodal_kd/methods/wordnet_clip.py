@@ -1,4 +1,4 @@
-"""``wordnet_clip``: train T_x, the WordNet-relaxed CLIP teacher (SPEC 3; Guo et al., arXiv 2503.24017).
+"""``wordnet_clip``: train T_x, the WordNet-relaxed CLIP teacher (Guo et al., arXiv 2503.24017).
 
 Building the stage:
 
@@ -45,7 +45,7 @@ from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.models.io import attach_spec
 from crossmodal_kd.losses import hierarchical_terms
 from crossmodal_kd.methods.base import Method
-from crossmodal_kd.params import NonNegativeFloat, PositiveFloat, PositiveInt
+from crossmodal_kd.params import NonNegativeFloat, Params as BaseParams, PositiveFloat, PositiveInt
 from crossmodal_kd.registry import METHODS, NETWORKS, check_kwargs
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,21 @@ class WordNetClip(Method):
     ``class_names``: override the dataset's.
     """
 
+    class Params(BaseParams):
+        backend: dict[str, Any]
+        pool: dict[str, Any] | None = None
+        filtering: dict[str, Any] | None = None
+        templates: Sequence[str] = DEFAULT_TEMPLATES
+        class_templates: Sequence[str] | None = None
+        teacher: dict[str, Any] | None = None
+        modality: str = "image"
+        temperature: PositiveFloat = 0.005
+        w_class: NonNegativeFloat = 0.2
+        w_pre: NonNegativeFloat = 0.005
+        class_names: Sequence[str] | None = None
+        cache_dir: str | None = None
+        batch_size: PositiveInt = 512
+
     @staticmethod
     def preflight(params: dict[str, Any], where: str) -> None:
         """Checked before any stage trains: a WordNet pool needs the WordNet database (the leakage pool does not)."""
@@ -91,41 +106,24 @@ class WordNetClip(Method):
         if problem := wordnet_problem():
             raise ConfigError(f"{where}.pool: {problem}")
 
-    def __init__(
-        self,
-        ctx: BuildContext,
-        backend: dict[str, Any],
-        pool: dict[str, Any] | None = None,
-        filtering: dict[str, Any] | None = None,
-        templates: Sequence[str] = DEFAULT_TEMPLATES,
-        class_templates: Sequence[str] | None = None,
-        teacher: dict[str, Any] | None = None,
-        modality: str = "image",
-        temperature: PositiveFloat = 0.005,
-        w_class: NonNegativeFloat = 0.2,
-        w_pre: NonNegativeFloat = 0.005,
-        class_names: Sequence[str] | None = None,
-        cache_dir: str | None = None,
-        batch_size: PositiveInt = 512,
-    ) -> None:
+    def __init__(self, ctx: BuildContext, params: WordNetClip.Params) -> None:
         super().__init__(ctx)
         started = time.perf_counter()
-        names = list(class_names or ctx.class_names)
-        if len(names) != ctx.num_classes:
-            raise ConfigError(f"{ctx.where}: {len(names)} class names for {ctx.num_classes} classes; set class_names")
+        backend, filtering, templates, modality = params.backend, params.filtering, params.templates, params.modality
+        names = ctx.class_names_or(params.class_names)
         if modality not in ctx.input_shapes:
             raise ConfigError(f"{ctx.where}.modality: '{modality}' not in the data; have {', '.join(ctx.input_shapes)}")
-        self.w_class, self.w_pre = float(w_class), float(w_pre)
+        self.w_class, self.w_pre = float(params.w_class), float(params.w_pre)
         state = PartialState()
         backend_spec = ctx.backend_spec(backend)
         clip = build_clip_backend(backend_spec["name"], backend_spec.get("params")).to(state.device).eval()
 
         # 2-3. the pool and its (cached) prompt embeddings; rank 0 encodes, the others read its cache
-        pool_ = self._pool(ctx, names, dict(pool or {}))
+        pool_ = self._pool(ctx, names, dict(params.pool or {}))
         with state.main_process_first():
             t0 = time.perf_counter()
-            pool_emb = noun_embeddings(clip, pool_.nouns, templates, cache_dir=cache_dir, progress=False)
-            class_text = noun_embeddings(clip, names, class_templates or templates, cache_dir=cache_dir, progress=False)
+            pool_emb = noun_embeddings(clip, pool_.nouns, templates, cache_dir=params.cache_dir, progress=False)
+            class_text = noun_embeddings(clip, names, params.class_templates or templates, cache_dir=params.cache_dir, progress=False)
             self.encode_seconds = time.perf_counter() - t0
 
         # 4. image-aware filtering on the training split's image embeddings
@@ -136,7 +134,7 @@ class WordNetClip(Method):
             if unknown:
                 raise ConfigError(f"{ctx.where}.filtering: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(FILTER_KEYS))}")
             images = torch.cat(
-                [clip.encode_image(b[modality]) for b in ctx.train_batches(batch_size)]
+                [clip.encode_image(b[modality]) for b in ctx.train_batches(params.batch_size)]
             )
             k = ctx.bound(int(filtering.get("k", 150)), FAST_DEV_CLUSTERS)
             if not 1 <= k <= len(images):
@@ -157,12 +155,14 @@ class WordNetClip(Method):
         del clip  # T_x builds its own (frozen, outside its module tree); this one only encoded texts
 
         # 5. T_x
-        params = {"backend": backend_spec, "nouns": kept, "modality": modality, "temperature": float(temperature), **(teacher or {})}
-        if params.get("label_oracle") and kept != names:
+        net_params = {
+            "backend": backend_spec, "nouns": kept, "modality": modality, "temperature": float(params.temperature), **(params.teacher or {})
+        }
+        if net_params.get("label_oracle") and kept != names:
             raise ConfigError(f"{ctx.where}.teacher.label_oracle: needs pool source class_names and filtering: null")
         context = {"input_shapes": ctx.input_shapes, "num_classes": ctx.num_classes}
-        net = NETWORKS.build("relaxed_clip", params, where=f"{ctx.where}.teacher", **context)
-        self.model = attach_spec(net, "networks", "relaxed_clip", params, context)
+        net = NETWORKS.build("relaxed_clip", net_params, where=f"{ctx.where}.teacher", **context)
+        self.model = attach_spec(net, "networks", "relaxed_clip", net_params, context)
         self.model.set_nouns(kept_emb.cpu())
         self.register_buffer("class_text", class_text.cpu(), persistent=False)  # loss only, never an input
 
