@@ -39,6 +39,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from crossmodal_kd.config import ConfigError, Strict, load_config
+from crossmodal_kd.engine.html_report import write_report
 from crossmodal_kd.engine.trainer import Runner
 from crossmodal_kd.io import atomic_write_text
 from crossmodal_kd.stats import estimate, paired
@@ -249,6 +250,7 @@ def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
         writer.writeheader()
         writer.writerows(summary)
     _bar_chart(summary, out / "results.png")
+    write_report(out)
     return table
 
 

@@ -1,4 +1,4 @@
-"""``crossmodal-kd`` command line: run, eval, data build/check, list."""
+"""``crossmodal-kd`` command line: run, eval, data build/check, bench, report, export, predict, list."""
 
 from __future__ import annotations
 
@@ -70,6 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--report-only", action="store_true", help="train nothing; tabulate the finished runs")
     b.add_argument("--no-progress", action="store_true", help="no progress bars (training, and model loading by transformers / huggingface_hub)")
     b.set_defaults(func=cmd_bench)
+
+    rp = sub.add_parser("report", help="write report.html (tables, curves, routing, environment, config) for a run or benchmark directory")
+    rp.add_argument("directory", help="a run directory, or a benchmark's output_dir")
+    rp.set_defaults(func=cmd_report)
+
+    x = sub.add_parser("export", help="export a run's model (default: the final student) with its input spec")
+    x.add_argument("run_dir")
+    x.add_argument("--stage", help="stage to export from (default: the last finished stage)")
+    x.add_argument("--model", help="model of that stage (default: 'student', else the stage's only model)")
+    x.add_argument("--format", required=True, choices=["safetensors", "onnx", "torchscript"])
+    x.add_argument("--out", help="model file to write (default: RUN_DIR/exports/FORMAT/STAGE_MODEL.EXT); its spec goes beside it as .json")
+    x.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("predict", help="classify your own .npy/.png/.wav files with an exported model")
+    pr.add_argument("exported", help="an exported .onnx, .pt (TorchScript) or .safetensors file, its .json beside it")
+    pr.add_argument("--input", dest="inputs", action="append", required=True, metavar="[NAME=]FILE",
+                    help="a file for the model's input NAME (NAME may be left out when it takes one); repeatable")
+    pr.add_argument("--top", type=int, default=5, help="classes shown per sample (0: all)")
+    pr.set_defaults(func=cmd_predict)
 
     ls = sub.add_parser("list", help="list registered components")
     ls.set_defaults(func=cmd_list)
@@ -163,7 +182,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"no finished runs under {bench.output_dir}")
         return 1
     table = write_reports(bench, records)
-    print(f"\n{table}\n\n(written to {bench.output_dir}/results.md, .csv, .png)")
+    print(f"\n{table}\n\n(written to {bench.output_dir}/results.md, .csv, .png, report.html)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from crossmodal_kd.engine.html_report import write_report
+
+    print(write_report(args.directory))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from crossmodal_kd.export import export
+
+    out, spec = export(args.run_dir, args.format, stage=args.stage, model=args.model, out=args.out)
+    src, done = spec["source"], spec["export"]
+    print(f"exported {src['file']} (stage '{src['stage']}', model '{src['model']}': {src['chosen']})")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    if args.format == "safetensors":
+        print(f"weights round-trip exactly (logits on {done['check']['rows']} validation rows identical)")
+    else:
+        name = f"ONNX (opset {done['opset']})" if args.format == "onnx" else "TorchScript"
+        print(f"{name} vs PyTorch on {done['check']['rows']} validation rows: max abs logit difference "
+              f"{done['check']['max_abs_diff']:.3g}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from crossmodal_kd.export import format_predictions, predict
+
+    inputs: dict[str | None, str] = {}
+    for item in args.inputs:
+        name, sep, path = item.partition("=")
+        inputs[name if sep else None] = path if sep else item
+    print(format_predictions(predict(args.exported, inputs, top=args.top)))
     return 0
 
 

@@ -88,6 +88,10 @@ class StageConfig(Strict):
     grad_clip_norm: float | None = Field(None, gt=0)
     select: SelectionConfig = Field(default_factory=SelectionConfig)
     targets: TargetsConfig = Field(default_factory=TargetsConfig)
+    augment: dict[str, Component] = Field(
+        default_factory=dict,
+        description="training-batch augmentations {modality: {name, params}} (AUGMENTATIONS), applied by the engine after the views",
+    )
 
     @field_validator("name")
     @classmethod
@@ -107,6 +111,10 @@ class RunConfig(Strict):
         default_factory=dict, description="network definitions; a string value is an alias of another entry"
     )
     stages: list[StageConfig] = Field(min_length=1)
+    trackers: list[str] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers through Accelerate: tensorboard, wandb, mlflow, aim, trackio; [] for none",
+    )
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> "RunConfig":

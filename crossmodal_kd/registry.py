@@ -124,7 +124,7 @@ class Registry(Generic[T]):
         params = spec.get("params") or {}
         if not isinstance(params, Mapping):
             raise ConfigError(f"{where}.params: should be a mapping (got {params!r})")
-        return self.build(spec["name"], params, where=where, **context)
+        return self.build(spec["name"], params, where=f"{where}.params", **context)
 
     def validate(self, name: str, options: Mapping[str, Any] | None = None, *, where: str = "") -> dict[str, Any]:
         """The checks of :meth:`build` without building (the registry's context parameters and those marked
@@ -316,9 +316,9 @@ ROUTERS: Registry = Registry(
 MASKS: Registry = Registry("mask", context=("channels",), providers=("crossmodal_kd.models.masks",))
 OPTIMIZERS: Registry = Registry("optimizer", context=("params",), providers=("crossmodal_kd.engine.optim",))
 SCHEDULERS: Registry = Registry("scheduler", context=("optimizer", "total_steps"), providers=("crossmodal_kd.engine.optim",))
-VIEWS: Registry = Registry("view", providers=("crossmodal_kd.views",))
+VIEWS: Registry = Registry("view", providers=("crossmodal_kd.data.views",))
 CLIP_BACKENDS: Registry = Registry("clip backend", providers=("crossmodal_kd.clip",))
-AUGMENTATIONS: Registry = Registry("augmentation", providers=("crossmodal_kd.augment",))
+AUGMENTATIONS: Registry = Registry("augmentation", providers=("crossmodal_kd.data.augment",))
 
 ALL_REGISTRIES = {
     "datasets": DATASETS,

@@ -10,12 +10,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "crossmodal_kd"
 # lowest first; a module may import its own layer or lower ones
 LAYERS = [
     {"__init__", "config", "hub", "io", "params", "registry", "stats"},
-    {"data", "losses", "views", "augment"},
+    {"data", "losses"},
     {"models"},
     {"clip", "targets"},
     {"methods"},
     {"engine"},
-    {"bench", "cli"},
+    {"bench", "cli", "export"},
 ]
 
 

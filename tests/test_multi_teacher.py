@@ -1,5 +1,5 @@
 """Multi-teacher distillation (``multi_kd``: average, val_weighted, router), the ``static`` router, and the
-batched training augmentations (``weak``, ``strong``) of the ``supervised`` method."""
+batched training augmentations (``weak``, ``strong``) the engine applies to a stage's training batches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crossmodal_kd.augment import AugmentSet
+from crossmodal_kd.data.augment import AugmentSet
 from crossmodal_kd.config import ConfigError, validate_config
 from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.models.io import save_model
@@ -181,17 +181,49 @@ def test_augment_set_errors_name_the_key():
         AugmentSet({"image": {"name": "weak", "params": {"sigma": 1}}}, {"image": (1, 8, 8)}, where="test.augment")
 
 
-def test_supervised_augments_training_batches_only(ctx):
-    torch.manual_seed(0)
-    method = METHODS.build("supervised", {"network": "student", "augment": {"image": {"name": "strong"}}}, where="test", ctx=ctx)
-    seen = []
-    method.model.encoder.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
-    batch = make_batch()
-    method.train()
-    method(batch)
-    assert not torch.allclose(seen[-1], batch["image"])  # training: augmented
-    assert torch.equal(batch["image"], make_batch()["image"])  # the caller's batch is left alone
-    method.eval()
-    method(batch)  # evaluation with the loss (select: loss)
-    method.predict(batch)  # accuracy on val / test
-    assert torch.equal(seen[-2], batch["image"]) and torch.equal(seen[-1], batch["image"])
+def test_the_engine_augments_training_batches_only(tmp_path, monkeypatch):
+    """``stages[i].augment`` is applied by the engine to training batches (any method), never to evaluation
+    batches, and a stage that augments serves no stored teacher targets (the teacher's input changes)."""
+    from conftest import run_config, tiny_config
+
+    from crossmodal_kd.engine.trainer import StageTrainer
+
+    seen: list[tuple[str, bool, torch.Tensor]] = []
+    original = AugmentSet.__call__
+
+    def spy(self, batch):
+        out = original(self, batch)
+        if self.transforms:
+            seen.append(("call", True, out["image"]))
+        return out
+
+    monkeypatch.setattr(AugmentSet, "__call__", spy)
+    build = StageTrainer._build
+
+    def _build(self, build_targets=True):
+        build(self, build_targets)
+        if self.stage.name == "teacher":
+            return
+        net = self.core.models()["model" if "model" in self.core.models() else "student"]
+        net.encoder.register_forward_hook(lambda mod, args, out: seen.append(("encoder", mod.training, args[0].clone())))
+
+    monkeypatch.setattr(StageTrainer, "_build", _build)
+    raw = tiny_config()
+    raw["stages"][1]["augment"] = {"image": {"name": "strong"}}
+    raw["stages"][2]["augment"] = {"image": {"name": "weak", "params": {"shift": 1}}}
+    metrics = run_config(raw, tmp_path / "run", fast_dev_run=True)
+    calls = [t for kind, _, t in seen if kind == "call"]
+    trained = [t for kind, training, t in seen if kind == "encoder" and training]
+    evaluated = [t for kind, training, t in seen if kind == "encoder" and not training]
+    assert calls and len(calls) == len(trained)
+    assert all(torch.equal(c, t) for c, t in zip(calls, trained))  # the model trains on the augmented batch
+    assert evaluated and not any(any(torch.equal(e, c) for c in calls) for e in evaluated)
+    assert metrics["stages"]["kd"]["targets"]["teacher"].startswith("the stage augments its training batches")
+    raw["stages"][1]["method"]["params"]["augment"] = {"image": {"name": "weak"}}
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.method\.params\.augment: renamed to the stage key stages\[i\]\.augment"):
+        run_config(raw, tmp_path / "old")
+    raw["stages"][1]["method"]["params"].pop("augment")
+    raw["stages"][1]["augment"] = {"image": {"name": "blur"}}
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.augment\.image.*unknown augmentation 'blur'"):
+        run_config(raw, tmp_path / "bad")
+

@@ -24,7 +24,7 @@ from crossmodal_kd.models.networks import build_network
 from crossmodal_kd.registry import CLIP_BACKENDS, METHODS, ROUTERS
 from crossmodal_kd.registry import ROUTERS
 from crossmodal_kd.clip.router import TEXT_GUIDED_PROMPTS, TextGuidedRouter
-from crossmodal_kd.views import ViewSet
+from crossmodal_kd.data.views import ViewSet
 
 VIEWS = ("image", "image_edge", "image_hf")
 

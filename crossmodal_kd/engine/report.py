@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from crossmodal_kd.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -27,9 +30,20 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """One panel per family of logged series: train losses, validation metrics, and the rest (e.g. routing)."""
+    """:func:`curves_figure` of ``rows`` saved as a PNG at ``path`` (nothing when there are no rows)."""
     if not rows:
         return
+    fig = curves_figure(rows, title)
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def curves_figure(rows: list[dict[str, Any]], title: str) -> Figure:
+    """One panel per family of logged series: train losses, validation metrics, and the rest (e.g. routing)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,10 +67,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    return fig
 
 
 def results_table(metrics: dict[str, Any]) -> str:

@@ -40,6 +40,7 @@ def attach_targets(
     *,
     stage: str,
     enabled: bool = True,
+    augmented: bool = False,
     build: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def attach_targets(
     store = TargetStore(Path(run_dir) / "targets", acc.device)
     served: list[TeacherCall] = []
     for name, call in calls.items():
-        reason = _live_reason(call, data, enabled)
+        reason = _live_reason(call, data, enabled, augmented)
         info["calls"][name] = reason or "served"
         if reason:
             log.warning("stage %s: teacher '%s' runs live on every batch (%s)", stage, name, reason)
@@ -102,9 +103,11 @@ def main_decides(acc: Accelerator, value: Any) -> Any:
     return broadcast_object_list([value], from_process=0)[0]
 
 
-def _live_reason(call: TeacherCall, data: DataSplits, enabled: bool) -> str | None:
+def _live_reason(call: TeacherCall, data: DataSplits, enabled: bool, augmented: bool = False) -> str | None:
     if not enabled:
         return "targets.store is off for this stage"
+    if augmented:
+        return "the stage augments its training batches, so a sample's teacher input changes every epoch"
     if not call.deterministic:
         return "its output for a sample is not fixed (randomised or batch-dependent input)"
     if not all(is_deterministic(data.split(s)) for s in SPLITS):

@@ -4,7 +4,7 @@ Run directory::
 
     config.yaml          resolved config          metrics.json   {"stages": {stage: {"models": {m: {"val", "test"}}}}}
     environment.json     seed, world size, versions
-    log.jsonl            every epoch of every stage
+    log.jsonl            every epoch of every stage (also sent to the config's trackers: trackers/)
     stages/<stage>/      fingerprint.json (what determines the stage; checked by --resume),
                          log.jsonl, curves.png, result.json (marks the stage done),
                          models/<model>.pt (best on validation), checkpoints/epoch_*/ (while training)
@@ -15,17 +15,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -37,6 +39,7 @@ from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.models.io import load_model, model_path, save_model, stage_dir
 from crossmodal_kd.engine.fingerprint import (
     differences,
+    flatten,
     mismatch_message,
     stage_fingerprints,
     started_stages,
@@ -44,28 +47,32 @@ from crossmodal_kd.engine.fingerprint import (
 )
 from crossmodal_kd.engine.launch import warn_launch_mismatch
 from crossmodal_kd.engine.metrics import classification_metrics
-from crossmodal_kd.engine.preflight import preflight
+from crossmodal_kd.engine.preflight import check_trackers, preflight
 from crossmodal_kd.engine.crossfit import fill_out_of_fold
 from crossmodal_kd.engine.seeding import stage_seed
 from crossmodal_kd.engine.targets import attach_targets, live_batches
 from crossmodal_kd.engine.report import plot_curves, read_jsonl, results_table, write_jsonl
 from crossmodal_kd.io import atomic_write_json, atomic_write_text
 from crossmodal_kd.registry import METHODS, OPTIMIZERS, SCHEDULERS, import_plugins
-from crossmodal_kd.views import ViewSet
+from crossmodal_kd.data.augment import AugmentSet
+from crossmodal_kd.data.views import ViewSet
 
 log = logging.getLogger(__name__)
 FAST_DEV_BATCHES = 2
 MIN_FREE_BYTES = 200 * 2**20
+TRACKER_PROJECT = "crossmodal_kd"  # the trackers' project / experiment name; runs are named by their directory
 
 
 class TrainingError(RuntimeError):
     """A run cannot go on (non-finite loss, unusable output directory, ...); the message says why."""
 
 
-def make_accelerator(cfg: RunConfig) -> Accelerator:
+def make_accelerator(cfg: RunConfig, run_dir: Path | None = None) -> Accelerator:
     """An Accelerator for ``cfg``. Accelerate keeps one process-wide state: runs in one process (a
-    benchmark) share its device and precision, and a run asking for another precision is refused clearly."""
+    benchmark) share its device and precision, and a run asking for another precision is refused clearly.
+    With ``run_dir``, the config's ``trackers`` (checked first) keep their local files in ``<run_dir>/trackers``."""
     acc = cfg.accelerator
+    trackers = check_trackers(cfg.trackers) if run_dir is not None else []
     try:
         accelerator = Accelerator(
             mixed_precision=acc.mixed_precision,
@@ -73,6 +80,9 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
             cpu=acc.cpu,
             dataloader_config=DataLoaderConfiguration(split_batches=True),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=acc.find_unused_parameters)],
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "trackers"))
+            if trackers else None,
         )
     except ValueError as exc:
         if "already been initialized" not in str(exc):
@@ -199,7 +209,7 @@ class Runner:
             cfg.stage(name)  # ConfigError naming the stages when there is no such stage
         self.resume, self.fast_dev_run = resume or bool(restart_stages), fast_dev_run
         self.restart = with_dependents(cfg, restart_stages)
-        self.accelerator = make_accelerator(cfg)
+        self.accelerator = make_accelerator(cfg, self.run_dir)
         self.progress = progress and self.accelerator.is_local_main_process
         for key in ("batch_size", "eval_batch_size"):
             value = getattr(cfg.data, key)
@@ -217,15 +227,40 @@ class Runner:
         preflight(self.cfg, self.run_dir, resume=self.resume)  # every stage's config, before anything is written
         self._prepare_run_dir()
         metrics = {"stages": {}}
-        for index, stage in enumerate(self.cfg.stages):
-            metrics["stages"][stage.name] = self.run_stage(index, stage)
-            if self.accelerator.is_main_process:
-                atomic_write_json(self.run_dir / "metrics.json", metrics)
-                write_jsonl(self.run_dir / "log.jsonl", [r for s in self.cfg.stages for r in read_jsonl(stage_dir(self.run_dir, s.name) / "log.jsonl")])
+        with self._trackers():
+            for index, stage in enumerate(self.cfg.stages):
+                metrics["stages"][stage.name] = self.run_stage(index, stage)
+                if self.accelerator.is_main_process:
+                    atomic_write_json(self.run_dir / "metrics.json", metrics)
+                    write_jsonl(self.run_dir / "log.jsonl", [r for s in self.cfg.stages for r in read_jsonl(stage_dir(self.run_dir, s.name) / "log.jsonl")])
         if self.accelerator.is_main_process:
             print(f"\nResults ({self.run_dir}):\n{results_table(metrics)}")
         self.accelerator.wait_for_everyone()
         return metrics
+
+    @contextmanager
+    def _trackers(self) -> Iterator[None]:
+        """The config's trackers (main process) for the length of the run, when a stage is left to train, with
+        the resolved config, flattened to scalars, as hyper-parameters; wandb offline unless WANDB_MODE is set.
+        Finished at the end, also when a stage fails; not by ``end_training()``, which also destroys the process
+        group that the end of the run and the next Runner of a benchmark still use."""
+        acc = self.accelerator
+        pending = any(not (stage_dir(self.run_dir, s.name) / "result.json").is_file() for s in self.cfg.stages)
+        if acc.log_with and acc.is_main_process and pending:
+            if "wandb" in self.cfg.trackers:
+                os.environ.setdefault("WANDB_MODE", "offline")
+            Path(acc.logging_dir).mkdir(parents=True, exist_ok=True)
+            hparams = {k: v for k, v in flatten(self.cfg.model_dump(mode="json")).items() if isinstance(v, (bool, int, float, str))}
+            name = str(self.run_dir)
+            acc.init_trackers(TRACKER_PROJECT, config=hparams, init_kwargs={
+                "wandb": {"name": name, "dir": acc.logging_dir}, "mlflow": {"run_name": name}, "trackio": {"name": name},
+            })
+        try:
+            yield
+        finally:
+            for tracker in acc.trackers:
+                tracker.finish()
+            acc.trackers.clear()
 
     def evaluate_saved(self) -> dict[str, Any]:
         """Re-evaluate the saved (best-on-validation) models of every finished stage on val and test."""
@@ -396,10 +431,12 @@ class StageTrainer:
         method, optimizer, scheduler = build_training(ctx, self.index, stage, self.steps_per_epoch * self.epochs)
         for module in method.frozen_modules().values():
             module.to(self.acc.device)
+        self.augment = AugmentSet({m: spec.model_dump() for m, spec in stage.augment.items()}, ctx.input_shapes,
+                                  where=f"stages[{self.index}].augment")
         self.calls = method.teacher_calls()
         self.targets = attach_targets(
             self.acc, self.calls, r.cfg, r.data, r.views, r.run_dir, stage=stage.name,
-            enabled=stage.targets.store, build=build_targets and not self.fast, progress=r.progress,
+            enabled=stage.targets.store, augmented=bool(stage.augment), build=build_targets and not self.fast, progress=r.progress,
         )
         if stage.targets.cross_fit and build_targets:  # before prepare: the fold stages use the accelerator too
             self.targets["cross_fit"] = fill_out_of_fold(self, stage.targets.cross_fit)
@@ -434,9 +471,19 @@ class StageTrainer:
             if self.acc.is_main_process:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 write_jsonl(self.log_file, rows)
+                self._track(row)
             save_checkpoint(self.acc, self.ckpt_root, epoch, state.to_dict(), self.env.cfg.accelerator.keep_checkpoints)
         train_time = time.perf_counter() - started
         return self._finish(state, rows, train_time, samples)
+
+    def _track(self, row: dict[str, Any]) -> None:
+        """The row's numbers to the run's trackers as ``<stage>/<key>``, at step = the run-global epoch (the
+        epochs of the earlier stages plus this one). Cross-fitting's fold copies (another run_dir) are not tracked."""
+        if not self.acc.trackers or Path(self.acc.project_dir) != self.env.run_dir:
+            return
+        first = sum(1 if self.fast else s.epochs for s in self.env.cfg.stages[: self.index])
+        values = {f"{self.stage.name}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.acc.log(values, step=first + row["epoch"])
 
     def _train_epoch(self, epoch: int) -> tuple[dict[str, float], int]:
         acc, method = self.acc, self.method
@@ -452,7 +499,7 @@ class StageTrainer:
         for step, batch in enumerate(self.train_loader):
             if limit is not None and step >= limit:
                 break
-            batch = self.env.views(batch)
+            batch = self.augment(self.env.views(batch))
             loss, losses = train_step(
                 acc, method, self.optimizer, self.scheduler, batch, self.stage.grad_clip_norm,
                 check=lambda loss, losses: self._check_finite(loss, losses, epoch, step),

@@ -6,11 +6,14 @@ Add your own with ``@ENCODERS.register("name")`` in a module listed under ``impo
 
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Sequence
 
 import torch
 import torchaudio
 import torchvision
+from pydantic import AfterValidator
+from pydantic_core import PydanticCustomError
 from torch import nn
 
 from crossmodal_kd.params import Fraction, PositiveInt
@@ -134,3 +137,105 @@ def mlp(input_shape: Sequence[int], hidden: Sequence[PositiveInt] = (256,), drop
     net = nn.Sequential(*layers)
     net.out_dim = prev
     return net
+
+
+class _StageTap:
+    """Forward hook on a timm stage: its output passes through ``tap`` channel-first (whatever the tap, or a
+    mask hooked on it, returns goes on into the model)."""
+
+    def __init__(self, tap: nn.Module, channels: int) -> None:
+        self.tap, self.channels = tap, channels
+
+    def __call__(self, module: nn.Module, args: tuple, out: object) -> object:
+        if not torch.is_tensor(out):
+            return None
+        if out.dim() >= 3 and out.shape[1] != self.channels and out.shape[-1] == self.channels:  # (B, N, D), NHWC
+            return self.tap(out.movedim(-1, 1)).movedim(1, -1)
+        return self.tap(out)
+
+
+class TimmEncoder(nn.Module):
+    """A timm model as a feature extractor (``num_classes=0``: pooled features, ``out_dim`` wide).
+
+    ``model`` is the timm network (state-dict keys ``model.<timm key>``). ``stages.<i>`` are the taps of its
+    ``feature_info`` (the stages ``features_only=True`` would return; ``stage_names`` gives timm's module
+    names, e.g. ``act1, layer1..layer4`` for ResNets, ``blocks.0..N-1`` for ViTs): identity modules every
+    forward passes that stage's output through, channel-first ((B, C, H, W); a ViT block's (B, tokens, D)
+    as (B, D, tokens)). Hook masks and feature losses on ``encoder.stages.<i>``: what a hook returns there
+    goes on into the rest of the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        info = list(getattr(model, "feature_info", None) or [])
+        self.stage_names = [f["module"] for f in info]
+        self.stages = nn.ModuleList(nn.Identity() for _ in info)
+        modules = dict(model.named_modules())
+        for tap, f in zip(self.stages, info):
+            modules[f["module"]].register_forward_hook(_StageTap(tap, int(f["num_chs"])))
+        self.out_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _timm_model(name: str) -> str:
+    """A model name of the installed timm (a hub name would be downloaded)."""
+    import timm
+
+    if ":" in name:
+        raise PydanticCustomError("timm", "hub names are downloaded; give the architecture name (and pretrained_file)")
+    if not timm.is_model(name):
+        raise PydanticCustomError("timm", "unknown timm model (timm {version}; see timm.list_models())", {"version": timm.__version__})
+    return name
+
+
+def _no_download(pretrained: bool) -> bool:
+    if pretrained:
+        raise PydanticCustomError("timm", "weights are never downloaded: pass pretrained_file: PATH (a local weights "
+                                  "file of the model, e.g. its model.safetensors) instead")
+    return pretrained
+
+
+def _local_file(path: str | None) -> str | None:
+    if path is not None and not Path(path).is_file():
+        raise PydanticCustomError("timm", "file not found")
+    return path
+
+
+@ENCODERS.register("timm")
+def timm_encoder(
+    input_shape: Sequence[int],
+    model: Annotated[str, AfterValidator(_timm_model)],
+    pretrained_file: Annotated[str | None, AfterValidator(_local_file)] = None,
+    pretrained: Annotated[bool, AfterValidator(_no_download)] = False,
+    model_args: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Any ``timm.create_model`` architecture (:class:`TimmEncoder`), built offline: ``in_chans`` from the
+    input's channels, ``img_size`` from its height and width where the model takes one (ViTs), ``model_args``
+    passed on (e.g. ``patch_size``, ``depth``, ``embed_dim``, ``dynamic_img_pad``). Weights: random, or
+    ``pretrained_file`` (a local timm state dict, ``.safetensors`` or ``.pth``; timm adapts the stem to
+    ``in_chans`` and drops the head); ``pretrained: true`` is refused (it would download)."""
+    import timm
+
+    c = _channels(input_shape, "timm")
+    kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": c, **(model_args or {})}
+    if pretrained_file is not None:
+        try:
+            weights = timm.models.load_state_dict(str(pretrained_file))
+        except Exception as exc:  # torch / safetensors raise many types for unreadable files
+            raise ValueError(f"encoder 'timm': pretrained_file {pretrained_file}: unreadable ({type(exc).__name__}: {exc})") from None
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained_file), "source": "file"})
+    try:
+        net = timm.create_model(model, img_size=tuple(input_shape[1:]), **kwargs)
+    except TypeError as exc:
+        if "img_size" not in str(exc):
+            raise
+        net = timm.create_model(model, **kwargs)  # CNNs take any size and no img_size
+    if pretrained_file is not None:
+        missing = [k for k in net.state_dict() if k not in weights and not k.endswith("num_batches_tracked")]
+        if missing:
+            raise ValueError(f"encoder 'timm': pretrained_file {pretrained_file} lacks {len(missing)} weights of "
+                             f"'{model}' ({', '.join(missing[:3])}, ...); it must hold that model's timm state dict")
+    return TimmEncoder(net)

@@ -152,11 +152,7 @@ class AugmentSet:
                     f"{where}.{modality}: augmentations transform images (C, H, W), "
                     f"not shape {tuple(input_shapes[modality])}"
                 )
-            if not isinstance(spec, Mapping) or "name" not in spec or set(spec) - {"name", "params"}:
-                raise ConfigError(f"{where}.{modality}: expected {{name: <augmentation>, params: {{...}}}}, got {spec!r}")
-            self.transforms[modality] = AUGMENTATIONS.build(
-                spec["name"], spec.get("params"), where=f"{where}.{modality}.params"
-            )
+            self.transforms[modality] = AUGMENTATIONS.build_spec(spec, where=f"{where}.{modality}")
 
     def __bool__(self) -> bool:
         return bool(self.transforms)
