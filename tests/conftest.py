@@ -21,6 +21,22 @@ crossmodal_kd.load_components()
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CONFIGS = REPO / "tests" / "configs"
+AVDIGITS_ON_SYNTHETIC = [  # overrides: the avdigits networks on synthetic data of avdigits' shapes
+    "data.name=synthetic",
+    "data.params={n_train: 32, n_val: 16, n_test: 16, image_shape: [1, 28, 28], audio_shape: [1, 40, 51]}",
+    "data.batch_size=16",
+    "data.eval_batch_size=16",
+    "accelerator.cpu=true",
+]
+
+
+def random_batch(shapes: dict[str, tuple[int, ...]], n: int, seed: int = 0, num_classes: int = 4) -> dict[str, torch.Tensor]:
+    """A batch of ``n`` Gaussian inputs per modality, labels cycling over ``num_classes``, sample indices 0..n-1."""
+    g = torch.Generator().manual_seed(seed)
+    batch = {m: torch.randn(n, *s, generator=g) for m, s in shapes.items()}
+    batch["label"] = torch.arange(n) % num_classes
+    batch["index"] = torch.arange(n)
+    return batch
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 CPU_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import REPO
+from conftest import AVDIGITS_ON_SYNTHETIC, REPO, random_batch
 from crossmodal_kd.config import load_config, validate_config
 from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.models.io import save_model
@@ -33,11 +33,7 @@ RAW = {
 
 
 def make_batch(n: int = N_TRAIN, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    batch = {m: torch.randn(n, *s, generator=g) for m, s in SHAPES.items()}
-    batch["label"] = torch.arange(n) % 4
-    batch["index"] = torch.arange(n)
-    return batch
+    return random_batch(SHAPES, n, seed)
 
 
 @pytest.fixture(scope="module")
@@ -252,17 +248,10 @@ def test_mgdfr_freezes_the_least_salient_channels_to_their_batch_mean(ctx):
 
 CONFIGS = REPO / "configs" / "avdigits"
 NEW_CONFIGS = ["fitnets", "crd", "dkd", "rkd", "dml", "c2kd", "mgdfr"]
-ON_SYNTHETIC = [  # the avdigits networks on synthetic data of avdigits' shapes
-    "data.name=synthetic",
-    "data.params={n_train: 32, n_val: 16, n_test: 16, image_shape: [1, 28, 28], audio_shape: [1, 40, 51]}",
-    "data.batch_size=16",
-    "data.eval_batch_size=16",
-    "accelerator.cpu=true",
-]
 
 
 def fast_dev_run(config: Path, out: Path, *overrides: str) -> dict:
-    return Runner(load_config(config, [*ON_SYNTHETIC, *overrides]), out, fast_dev_run=True, progress=False).run()
+    return Runner(load_config(config, [*AVDIGITS_ON_SYNTHETIC, *overrides]), out, fast_dev_run=True, progress=False).run()
 
 
 def test_all_baselines_fast_dev_run(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 from crossmodal_kd.cli import main
 from crossmodal_kd.registry import METHODS
-from test_baselines import ON_SYNTHETIC
+from conftest import AVDIGITS_ON_SYNTHETIC
 
 SECTION = "## Plugging in your own KD method"
 
@@ -39,7 +39,7 @@ def example(tmp_path, clean_registries):
 
 
 def run(config, out, *overrides: str) -> int:
-    sets = [arg for item in (*ON_SYNTHETIC, *overrides) for arg in ("--set", item)]
+    sets = [arg for item in (*AVDIGITS_ON_SYNTHETIC, *overrides) for arg in ("--set", item)]
     return main(["run", str(config), *sets, "--fast-dev-run", "--no-progress", "--output-dir", str(out)])
 
 

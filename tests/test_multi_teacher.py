@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import random_batch
 from crossmodal_kd.data.augment import AugmentSet
 from crossmodal_kd.config import ConfigError, validate_config
 from crossmodal_kd.methods.context import BuildContext
@@ -29,11 +30,7 @@ RAW = {
 
 
 def make_batch(n: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    batch = {m: torch.randn(n, *s, generator=g) for m, s in SHAPES.items()}
-    batch["label"] = torch.arange(n) % 4
-    batch["index"] = torch.arange(n)
-    return batch
+    return random_batch(SHAPES, n, seed)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from crossmodal_kd.cli import main
 from crossmodal_kd.config import load_config
 from crossmodal_kd.engine.trainer import Runner
 from crossmodal_kd.registry import ENCODERS, RegistryError
-from test_baselines import ON_SYNTHETIC
+from conftest import AVDIGITS_ON_SYNTHETIC
 
 EXAMPLE = REPO / "examples" / "plugin_encoder" / "config.yaml"
 
@@ -19,7 +19,7 @@ EXAMPLE = REPO / "examples" / "plugin_encoder" / "config.yaml"
 def test_plugin_encoder_trains_as_teacher_and_as_student(tmp_path, clean_registries, capsys):
     assert "conv_mixer" not in ENCODERS
     out = tmp_path / "run"
-    sets = [arg for item in ON_SYNTHETIC for arg in ("--set", item)]
+    sets = [arg for item in AVDIGITS_ON_SYNTHETIC for arg in ("--set", item)]
     code = main(["run", str(EXAMPLE), *sets, "--fast-dev-run", "--no-progress", "--output-dir", str(out)])
     assert code == 0, capsys.readouterr().err
     metrics = read_json(out / "metrics.json")
@@ -31,7 +31,7 @@ def test_plugin_encoder_trains_as_teacher_and_as_student(tmp_path, clean_registr
 
 
 def test_a_typo_in_the_encoder_name_lists_the_valid_names(tmp_path, clean_registries):
-    cfg = load_config(EXAMPLE, [*ON_SYNTHETIC, "networks.image_mixer.params.encoder.name=conv_mixr"])
+    cfg = load_config(EXAMPLE, [*AVDIGITS_ON_SYNTHETIC, "networks.image_mixer.params.encoder.name=conv_mixr"])
     with pytest.raises(RegistryError, match=r"unknown encoder 'conv_mixr'; valid: .*conv_mixer.*lenet5"):
         Runner(cfg, tmp_path / "run", fast_dev_run=True, progress=False).run()
 

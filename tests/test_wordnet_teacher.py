@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from conftest import REPO, read_json
+from conftest import AVDIGITS_ON_SYNTHETIC, REPO, read_json
 from tiny_text import make_tiny_bert
 
 from crossmodal_kd.clip.backends import TextAlignedBackend, build_clip_backend
@@ -274,13 +274,6 @@ def test_wordnet_clip_config_errors_name_the_key(ctx, aligned, tmp_path):
 # ----------------------------------------------------------------------------- the shipped configs
 
 CONFIGS = REPO / "configs" / "avdigits"
-ON_SYNTHETIC = [  # the avdigits networks on synthetic data of avdigits' shapes
-    "data.name=synthetic",
-    "data.params={n_train: 32, n_val: 16, n_test: 16, image_shape: [1, 28, 28], audio_shape: [1, 40, 51]}",
-    "data.batch_size=16",
-    "data.eval_batch_size=16",
-    "accelerator.cpu=true",
-]
 
 
 def test_wordnet_clip_configs_fast_dev_run(tmp_path, tiny_bert):
@@ -290,7 +283,7 @@ def test_wordnet_clip_configs_fast_dev_run(tmp_path, tiny_bert):
     small = [f"stages.align.method.params.text.model={tiny_bert}", "stages.tx.method.params.pool.max_nouns=300",
              f"stages.tx.method.params.cache_dir={tmp_path / 'nouns'}"]
     run = tmp_path / "run"
-    main = Runner(load_config(CONFIGS / "wordnet_clip.yaml", [*ON_SYNTHETIC, *small]),
+    main = Runner(load_config(CONFIGS / "wordnet_clip.yaml", [*AVDIGITS_ON_SYNTHETIC, *small]),
                   run, fast_dev_run=True, progress=False).run()
     stages = main["stages"]
     assert list(stages) == ["align", "student_only", "visual_strong", "visual_weak", "tx", "student_visual",
@@ -307,7 +300,7 @@ def test_wordnet_clip_configs_fast_dev_run(tmp_path, tiny_bert):
     tx = load_model(run / "stages" / "tx" / "models" / "model.pt")
     assert isinstance(tx, RelaxedClipTeacher) and not {"class0", "class1", "class2", "class3"} & set(tx.nouns)
 
-    leak = Runner(load_config(CONFIGS / "wordnet_clip_all.yaml", [*ON_SYNTHETIC, *small]), run, resume=True,
+    leak = Runner(load_config(CONFIGS / "wordnet_clip_all.yaml", [*AVDIGITS_ON_SYNTHETIC, *small]), run, resume=True,
                   fast_dev_run=True, progress=False).run()["stages"]
     assert leak["visual_strong"] == stages["visual_strong"]  # reused, not retrained
     assert load_model(run / "stages" / "tx_leak" / "models" / "model.pt").nouns == ["class0", "class1", "class2", "class3"]
