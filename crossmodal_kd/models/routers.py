@@ -74,7 +74,7 @@ class GateRouter(Router):
     reaches the student through its logits.
     """
 
-    def __init__(
+    def __init__(  # types and ranges are checked by the registry (ROUTERS) before this runs
         self,
         num_teachers: int,
         num_classes: int,
@@ -89,8 +89,6 @@ class GateRouter(Router):
         target_tau: PositiveFloat = 4.0,
     ) -> None:
         super().__init__(num_teachers)
-        if mode not in ("hard", "soft", "dense"):
-            raise ValueError(f"router 'gate': mode must be 'hard', 'soft' or 'dense', got '{mode}'")
         if not 1 <= k <= num_teachers:
             raise ValueError(f"router 'gate': k={k} must be between 1 and the number of teachers ({num_teachers})")
         if mode == "soft" and k == 1:
@@ -98,12 +96,6 @@ class GateRouter(Router):
                 "router 'gate': mode 'soft' with k=1 cannot learn (its weight is always 1); use mode 'hard' "
                 "(public code) with objective 'true_class', mode 'soft' with k >= 2, or mode 'dense'"
             )
-        if objective not in ("kd", "true_class"):
-            raise ValueError(f"router 'gate': objective must be 'kd' or 'true_class', got '{objective}'")
-        if input not in ("logits", "features"):
-            raise ValueError(f"router 'gate': input must be 'logits' or 'features', got '{input}'")
-        if target_tau <= 0:
-            raise ValueError(f"router 'gate': target_tau must be > 0, got {target_tau}")
         self.k, self.mode, self.objective, self.input = k, mode, objective, input
         self.detach_input, self.target_tau = detach_input, float(target_tau)
         in_dim = num_classes if input == "logits" else feature_dim
