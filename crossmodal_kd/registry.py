@@ -106,14 +106,13 @@ class Registry(Generic[T]):
         model = params_class(factory)
         if model is not None:
             given = {k: v for k, v in context.items() if accepted is None or k in accepted}
-            fill = {k: v for k, v in context.items() if k in supplied_fields(model) and k not in options}
+            fillable = supplied_fields(model)
+            fill = {k: v for k, v in context.items() if k in fillable and k not in options}
             params, problems = check_params(model, {**fill, **options})
             _raise(problems, where)
             return factory(**given, params=params)
-        given = {
-            k: v for k, v in context.items()
-            if (accepted is None or k in accepted) and not (k in options and k in supplied(factory))
-        }
+        overridable = supplied(factory) & set(options)  # Supplied context the config gives itself
+        given = {k: v for k, v in context.items() if (accepted is None or k in accepted) and k not in overridable}
         check_kwargs(factory, options, where=where, reserved=set(given))
         return factory(**given, **self._checked(name, options, where))
 
