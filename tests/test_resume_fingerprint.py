@@ -4,6 +4,7 @@ a stage and its dependents; a run that failed before training blocks nothing."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -144,3 +145,14 @@ def test_a_change_upstream_changes_the_fingerprints_downstream_only():
     fps = stage_fingerprints(validate_config(raw), RUN, {"checksum": "abc"})
     assert list(fps["routed"]["depends"]) == ["kd"] and list(fps["routed"]["depends"]["kd"]["depends"]) == ["teacher"]
     assert fps["routed"]["dataset"] == {"checksum": "abc"}
+
+
+def test_an_option_added_since_at_its_empty_default_is_no_difference():
+    """A run trained before a stage key existed resumes under code that writes the key at its default
+    (null, {} or []); a non-empty value on either side is a difference."""
+    new = stage_fingerprints(validate_config(quick_config()), RUN, {})["teacher"]
+    old = json.loads(json.dumps(new))
+    del old["stage"]["augment"]
+    assert new["stage"]["augment"] == {} and differences(old, new) == []
+    new["stage"]["augment"] = {"image": {"name": "flip", "params": {}}}
+    assert differences(old, new) == ["stage.augment.image.name: (absent) -> \"flip\""]

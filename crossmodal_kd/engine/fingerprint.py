@@ -106,10 +106,11 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for every differing key, the stage's own keys before its dependencies'. A key
-    that one side lacks and the other holds as null is no difference (a config option added since)."""
+    that one side lacks and the other holds as null or empty is no difference (a config option added since,
+    at its default)."""
     a, b = flatten(old), flatten(new)
-    keys = [k for k in b if a.get(k, _ABSENT) != b[k] and not (k not in a and b[k] is None)]
-    keys += [k for k in a if k not in b and a[k] is not None]
+    keys = [k for k in b if a.get(k, _ABSENT) != b[k] and not (k not in a and _empty(b[k]))]
+    keys += [k for k in a if k not in b and not _empty(a[k])]
     keys.sort(key=lambda k: k.startswith("depends."))  # stable: keeps the fingerprint's order otherwise
     return [f"{k}: {_show(a.get(k, _ABSENT))} -> {_show(b.get(k, _ABSENT))}" for k in keys]
 
@@ -128,6 +129,10 @@ def mismatch_message(run_dir: Path, cfg: RunConfig, mismatched: dict[str, list[s
         f"cannot resume {run_dir}: it was trained with other settings; {'; '.join(parts)}. "
         f"Use {flags} (stages depending on it restart too) or a new --output-dir"
     )
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == {} or value == []
 
 
 class _Absent:
