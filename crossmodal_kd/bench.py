@@ -1,9 +1,15 @@
-"""Benchmarks: run configs x seeds x student variants, then tabulate mean and std (Markdown, CSV, PNG).
+"""Benchmarks: run configs x (sweep point x data draw x seed) x student variants, then tabulate (Markdown,
+CSV, PNG, HTML) under one protocol.
 
 A benchmark file::
 
     output_dir: runs/bench
-    seeds: [0, 1, 2]
+    seeds: [0, 1, 2, 3, 4]
+    draws: [0, 1]                   # optional: data draws, each one --set <draw_key>=<draw> (default data.params.seed)
+    sweep:                          # optional: one recipe knob, e.g. the dose-response of avdigits' `shared`
+      {name: shared, key: data.params.shared, values: [0.0, 0.25, 0.5, 0.75]}
+    reference: [student only (no KD), student only (no KD), 40 epochs]   # the no-KD student at each budget
+    tuning: {seeds: [100], budget: 6}                                    # optional: per-row tuning on validation
     variants:                       # name -> --set overrides (e.g. which modality the student sees)
       image: []
       audio: [networks.student=audio_net, networks.crossmodal_teacher=image_net]
@@ -13,36 +19,56 @@ A benchmark file::
         variant_overrides:          # optional: extra --set overrides of one variant, for this experiment only
           audio: [stages.mask_cm_1.method.params.layer=encoder.fc1.1]
         rows:                       # which (stage, model) of the run is reported, under which label
-          - {label: KD from T_mm, stage: kd_mm, model: student}
+          - label: KD from T_mm
+            stage: kd_mm
+            model: student
+            tune: {method.params.tau: [2, 4, 8], method.params.w_kd: [0.5, 1]}   # keys relative to the stage
 
-Rows with the same label (and variant) are pooled across experiments: two configs whose stages are
-identical (stage seeds depend only on the run seed and the stage name) can share a row.
+The protocol the tables enforce:
 
-Tables give n, mean ± std and the 95 % t confidence interval of the test accuracy; with ``reference:
-<row label>`` (e.g. the no-KD student), also each row's paired difference to the reference over the seeds
-both have (mean, 95 % CI, paired t-test p-value), marked ``*`` when the interval excludes 0 and ``n.s.``
-(no measurable difference) otherwise.
+- **Budget**: each row's *student epochs* are counted from the config (its stage's epochs plus those of the
+  stages its student starts from, ``student_init``, e.g. MST-Distill's stage 1 + stage 3). A row is compared
+  only with the reference row (the no-KD student) that has the same student epochs; without one, the table
+  says so instead of giving a difference. Rows whose optimizer family or selection metric differ from their
+  reference's are listed under the table.
+- **Statistics**: n, mean ± std and the 95 % t interval of the test accuracy; the paired difference to the
+  budget-matched reference over the (draw, seed) pairs both have (mean, 95 % CI, paired t-test p),
+  ``*`` when the interval excludes 0 and ``n.s.`` (no measurable difference) otherwise; ``comparisons``
+  add paired lines between any two rows.
+- **Tuning on validation only**: a row's ``tune`` grid (at most ``tuning.budget`` configurations, the same
+  budget for every method) is trained on the tuning seeds, as copies of the row's stage in one run per
+  (variant, sweep point, tuning seed) on the first draw; the configuration with the best mean validation
+  accuracy (ties: the first) is used for every benchmark run of that row. Test accuracies of tuning runs
+  are never read. Rows are tuned independently: a copy's upstream stages keep their defaults.
 
-Every run lives in ``<output_dir>/<experiment>/<variant>/seed<k>``; an interrupted benchmark resumes
-(finished stages and runs are skipped).
+Every run lives in ``<output_dir>/<experiment>/<variant>[/<sweep><value>][/draw<d>]/seed<k>`` and tuning runs
+in ``<output_dir>/tuning/...``; an interrupted benchmark resumes (finished stages and runs are skipped).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
+import itertools
 import json
 import statistics
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from crossmodal_kd.config import ConfigError, Strict, load_config
+from crossmodal_kd.config import ConfigError, RunConfig, Strict, apply_override, load_config, load_raw, validate_config
+from crossmodal_kd.engine.fingerprint import upstream
 from crossmodal_kd.engine.html_report import write_report
 from crossmodal_kd.engine.trainer import Runner
 from crossmodal_kd.io import atomic_write_text
 from crossmodal_kd.stats import estimate, paired
+
+TUNED_COPY = "{stage}__t{index}"
+METRICS = ("test_accuracy", "test_macro_f1", "val_accuracy", "train_time_s", "samples_per_s", "peak_memory_mb", "gate_entropy")
 
 
 class Row(Strict):
@@ -50,6 +76,14 @@ class Row(Strict):
     stage: str
     model: str = "student"
     cost_stages: list[str] = Field(default_factory=list, description="earlier stages whose training time the method also pays")
+    tune: dict[str, list[Any]] = Field(
+        default_factory=dict, description="stage-relative --set key (method.params.tau) -> candidate values, tuned on validation"
+    )
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every configuration of ``tune``, in order (the first value of every key first)."""
+        keys = list(self.tune)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.tune[k] for k in keys))]
 
 
 class Experiment(Strict):
@@ -62,23 +96,56 @@ class Experiment(Strict):
     )
     seeds: list[int] | None = Field(None, description="this experiment's seeds (default: the benchmark's)")
 
+    @property
+    def folder(self) -> str:
+        return self.name or Path(self.config).stem
+
 
 class Comparison(Strict):
     a: str = Field(description="row label")
-    b: str = Field(description="row label it is compared with (a - b, paired by seed)")
+    b: str = Field(description="row label it is compared with (a - b, paired by draw and seed)")
+
+
+class Sweep(Strict):
+    name: str = Field(description="column and folder label, e.g. shared")
+    key: str = Field(description="--set key the values go to, e.g. data.params.shared")
+    values: list[Any] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_" for c in v):
+            raise ValueError(f"sweep name '{v}' must be non-empty and use only letters, digits, '-' and '_'")
+        return v
+
+
+class Tuning(Strict):
+    seeds: list[int] = Field(min_length=1, description="tuning seeds (validation only); keep them apart from the benchmark's")
+    budget: int = Field(6, ge=1, description="most configurations any row may try: the same budget for every method")
 
 
 class BenchConfig(Strict):
     output_dir: str = "runs/bench"
-    reference: str | None = Field(None, description="row label every row is compared with, paired by seed")
+    reference: list[str] = Field(
+        default_factory=list, description="row label(s) of the no-KD student, one per student budget; every row is compared with the one of its budget"
+    )
     comparisons: list[Comparison] = Field(default_factory=list, description="further paired comparisons between rows")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    draws: list[int] | None = Field(None, description="data draws; each run gets --set <draw_key>=<draw>")
+    draw_key: str = "data.params.seed"
+    sweep: Sweep | None = None
+    tuning: Tuning | None = None
     variants: dict[str, list[str]] = Field(default_factory=lambda: {"default": []})
     experiments: list[Experiment] = Field(min_length=1)
 
+    @field_validator("reference", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [] if v is None else [v] if isinstance(v, str) else v
+
     @model_validator(mode="after")
-    def _distinct_run_folders(self) -> "BenchConfig":
-        names = [e.name or Path(e.config).stem for e in self.experiments]
+    def _consistent(self) -> "BenchConfig":
+        names = [e.folder for e in self.experiments]
         if len(set(names)) != len(names):
             raise ValueError(f"experiments share a run folder name {names}; give them distinct 'name's")
         for e in self.experiments:
@@ -86,9 +153,17 @@ class BenchConfig(Strict):
             if unknown:
                 raise ValueError(f"experiment '{e.config}': variant_overrides names unknown variants {unknown}; variants: {sorted(self.variants)}")
         labels = [row.label for e in self.experiments for row in e.rows]
-        for label in [self.reference, *(x for c in self.comparisons for x in (c.a, c.b))]:
-            if label is not None and label not in labels:
+        for label in [*self.reference, *(x for c in self.comparisons for x in (c.a, c.b))]:
+            if label not in labels:
                 raise ValueError(f"'{label}' is not a row label; labels: {', '.join(dict.fromkeys(labels))}")
+        for e in self.experiments:
+            for row in e.rows:
+                if not row.tune:
+                    continue
+                if self.tuning is None:
+                    raise ValueError(f"row '{row.label}' has 'tune' but the benchmark has no 'tuning' section (seeds, budget)")
+                if (n := len(row.grid())) > self.tuning.budget:
+                    raise ValueError(f"row '{row.label}': its tune grid has {n} configurations, the budget is {self.tuning.budget}")
         return self
 
 
@@ -105,49 +180,113 @@ def load_bench(path: str | Path) -> BenchConfig:
         raise ConfigError("invalid benchmark\n  " + "\n  ".join(lines)) from None
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One run of a benchmark: experiment x variant x sweep point x data draw x seed."""
+
+    exp: Experiment
+    variant: str
+    point: Any
+    draw: int | None
+    seed: int
+
+    def run_dir(self, bench: BenchConfig, root: Path | None = None) -> Path:
+        out = (root or Path(bench.output_dir)) / self.exp.folder / self.variant
+        if bench.sweep is not None:
+            out /= f"{bench.sweep.name}{self.point}"
+        if self.draw is not None:
+            out /= f"draw{self.draw}"
+        return out / f"seed{self.seed}"
+
+    def overrides(self, bench: BenchConfig) -> list[str]:
+        out = [*self.exp.overrides, *bench.variants[self.variant], *self.exp.variant_overrides.get(self.variant, [])]
+        if bench.sweep is not None:
+            out.append(f"{bench.sweep.key}={json.dumps(self.point)}")
+        if self.draw is not None:
+            out.append(f"{bench.draw_key}={self.draw}")
+        return [*out, f"seed={self.seed}"]
+
+
+def cells(bench: BenchConfig) -> list[Cell]:
+    """Every run, seed-major, so an interrupted benchmark has whole seeds of every experiment and variant."""
+    seeds = sorted({s for e in bench.experiments for s in (e.seeds or bench.seeds)})
+    points = bench.sweep.values if bench.sweep else [None]
+    return [
+        Cell(e, v, p, d, s)
+        for s in seeds for d in (bench.draws or [None]) for p in points
+        for e in bench.experiments if s in (e.seeds or bench.seeds) for v in bench.variants
+    ]
+
+
 def run_bench(
     bench: BenchConfig, *, fast_dev_run: bool = False, progress: bool = True, report_only: bool = False
 ) -> list[dict[str, Any]]:
-    """Run (or resume) every run of the benchmark; return one record per (row, variant, seed).
+    """Run (or resume) the tuning and then every run of the benchmark; one record per (row, run).
 
     ``report_only``: train nothing, collect the runs that have finished (``metrics.json`` with every
     reported stage), e.g. to tabulate a benchmark that is still running elsewhere.
     """
-    out = Path(bench.output_dir)
+    runs = cells(bench)
+    chosen = tune(bench, runs, fast_dev_run=fast_dev_run, progress=progress, report_only=report_only)
     records = []
-    # seed-major, so an interrupted benchmark has whole seeds of every experiment and variant
-    seeds = sorted({s for e in bench.experiments for s in (e.seeds or bench.seeds)})
-    runs = [(e, v, s) for s in seeds for e in bench.experiments if s in (e.seeds or bench.seeds) for v in bench.variants]
-    for i, (exp, variant, seed) in enumerate(runs, 1):
-        run_dir = out / (exp.name or Path(exp.config).stem) / variant / f"seed{seed}"
+    for i, cell in enumerate(runs, 1):
+        run_dir = cell.run_dir(bench)
+        tuned = [chosen.get((cell.exp.folder, row.label, cell.variant, cell.point)) for row in cell.exp.rows]
+        if any(row.tune and t is None for row, t in zip(cell.exp.rows, tuned)):
+            continue  # report-only, tuning unfinished
+        overrides = cell.overrides(bench) + [o for row, t in zip(cell.exp.rows, tuned) if t for o in _stage_overrides(row.stage, t)]
+        cfg = load_config(cell.exp.config, overrides)
         if progress:
-            print(f"[{i}/{len(runs)}] {exp.config} variant={variant} seed={seed} -> {run_dir}", flush=True)
+            print(f"[{i}/{len(runs)}] {cell.exp.config} variant={cell.variant} {_where(bench, cell)} -> {run_dir}", flush=True)
         if report_only:
-            metrics = _finished_metrics(run_dir, [row.stage for row in exp.rows])
+            metrics = _finished_metrics(run_dir, [row.stage for row in cell.exp.rows])
             if metrics is None:
                 continue
         else:
-            overrides = [*exp.overrides, *bench.variants[variant], *exp.variant_overrides.get(variant, []), f"seed={seed}"]
-            cfg = load_config(exp.config, overrides)
             metrics = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress).run()
-        for row in exp.rows:
-            if row.stage not in metrics["stages"]:
-                raise ConfigError(f"benchmark row '{row.label}': no stage '{row.stage}' in {exp.config}")
-            stage = metrics["stages"][row.stage]
-            m = stage["models"][row.model]
-            train_time = sum(  # a stage's cost includes the one-time build of its teachers' target tables
-                metrics["stages"][s]["train_time_s"] + metrics["stages"][s].get("target_build_s", 0.0)
-                for s in (row.stage, *row.cost_stages)
-            )
-            routing = stage.get("routing") or {}
-            records.append({
-                "method": row.label, "variant": variant, "seed": seed,
-                "gate_entropy": routing["entropy"][-1] / routing["max_entropy"] if routing.get("entropy") else None,
-                "test_accuracy": m["test"]["accuracy"], "test_macro_f1": m["test"]["macro_f1"],
-                "val_accuracy": m["val"]["accuracy"], "train_time_s": train_time,
-                "samples_per_s": stage["train_samples_per_s"], "peak_memory_mb": stage["peak_memory_mb"],
-            })
+        for row, tuned_config in zip(cell.exp.rows, tuned):
+            records.append(_record(bench, cell, cfg, metrics, row, tuned_config))
     return records
+
+
+def _where(bench: BenchConfig, cell: Cell) -> str:
+    parts = [f"{bench.sweep.name}={cell.point}"] if bench.sweep else []
+    parts += [f"draw={cell.draw}"] if cell.draw is not None else []
+    return " ".join([*parts, f"seed={cell.seed}"])
+
+
+def _record(bench: BenchConfig, cell: Cell, cfg: RunConfig, metrics: dict[str, Any], row: Row,
+            tuned: dict[str, Any] | None) -> dict[str, Any]:
+    if row.stage not in metrics["stages"]:
+        raise ConfigError(f"benchmark row '{row.label}': no stage '{row.stage}' in {cell.exp.config}")
+    stage = metrics["stages"][row.stage]
+    m = stage["models"][row.model]
+    train_time = sum(  # a stage's cost includes the one-time build of its teachers' target tables
+        metrics["stages"][s]["train_time_s"] + metrics["stages"][s].get("target_build_s", 0.0) for s in (row.stage, *row.cost_stages)
+    )
+    routing = stage.get("routing") or {}
+    stage_cfg = cfg.stage(row.stage)
+    return {
+        "method": row.label, "variant": cell.variant, "point": cell.point, "draw": cell.draw, "seed": cell.seed,
+        "student_epochs": student_epochs(cfg, row.stage), "optimizer": stage_cfg.optimizer.name,
+        "selection": stage_cfg.select.metric, "tuned": tuned, "tune_configs": len(row.grid()),
+        "gate_entropy": routing["entropy"][-1] / routing["max_entropy"] if routing.get("entropy") else None,
+        "test_accuracy": m["test"]["accuracy"], "test_macro_f1": m["test"]["macro_f1"],
+        "val_accuracy": m["val"]["accuracy"], "train_time_s": train_time,
+        "samples_per_s": stage["train_samples_per_s"], "peak_memory_mb": stage["peak_memory_mb"],
+    }
+
+
+def student_epochs(cfg: RunConfig, stage: str) -> int:
+    """Epochs the student of ``stage`` trains in all: the stage's own plus those of the stage it starts from
+    (``student_init: {stage}``), recursively (MST-Distill: stage 1 + stage 3; FitNets: hint + KD)."""
+    s = cfg.stage(stage)
+    init = s.method.params.get("student_init")
+    return s.epochs + (student_epochs(cfg, init["stage"]) if isinstance(init, dict) and "stage" in init else 0)
+
+
+def _stage_overrides(stage: str, config: dict[str, Any]) -> list[str]:
+    return [f"stages.{stage}.{key}={json.dumps(value)}" for key, value in config.items()]
 
 
 def _finished_metrics(run_dir: Path, stages: list[str]) -> dict[str, Any] | None:
@@ -158,32 +297,130 @@ def _finished_metrics(run_dir: Path, stages: list[str]) -> dict[str, Any] | None
     return metrics if all(s in metrics["stages"] for s in stages) else None
 
 
-def summarize(records: list[dict[str, Any]], reference: str | None = None) -> list[dict[str, Any]]:
-    """Per (method, variant), in first-seen order: mean and (sample) std over seeds, the 95 % CI of the test
-    accuracy, and with ``reference`` the paired test-accuracy difference to that row (same variant, same seeds)."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+# ------------------------------------------------------------------------------------------------ tuning
+
+
+def tune(bench: BenchConfig, runs: list[Cell], *, fast_dev_run: bool, progress: bool, report_only: bool
+         ) -> dict[tuple[str, str, str, Any], dict[str, Any]]:
+    """The chosen configuration of every tuned row: ``{(experiment, label, variant, sweep point): config}``;
+    writes ``tuning.md`` (every configuration's mean validation accuracy)."""
+    if bench.tuning is None or not any(row.tune for e in bench.experiments for row in e.rows):
+        return {}
+    first_draw = bench.draws[0] if bench.draws else None
+    jobs = list(dict.fromkeys((c.exp.folder, c.variant, c.point) for c in runs))
+    by_folder = {e.folder: e for e in bench.experiments}
+    chosen, lines = {}, []
+    for folder, variant, point in jobs:
+        exp = by_folder[folder]
+        rows = [row for row in exp.rows if row.tune]
+        if not rows:
+            continue
+        scores: dict[tuple[str, int], list[float]] = {}
+        for seed in bench.tuning.seeds:
+            cell = Cell(exp, variant, point, first_draw, seed)
+            run_dir = cell.run_dir(bench, Path(bench.output_dir) / "tuning")
+            cfg = _tuning_config(cell.exp, cell.overrides(bench), rows)
+            if report_only:
+                metrics = _finished_metrics(run_dir, [s.name for s in cfg.stages])
+                if metrics is None:
+                    continue
+            else:
+                if progress:
+                    print(f"[tuning] {exp.config} variant={variant} {_where(bench, cell)} -> {run_dir}", flush=True)
+                metrics = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress).run()
+            for row in rows:
+                for i in range(len(row.grid())):
+                    stage = metrics["stages"][TUNED_COPY.format(stage=row.stage, index=i)]
+                    scores.setdefault((row.label, i), []).append(stage["models"][row.model]["val"]["accuracy"])
+        for row in rows:
+            grid = row.grid()
+            means = [statistics.fmean(scores[(row.label, i)]) if (row.label, i) in scores else None for i in range(len(grid))]
+            if any(m is None for m in means):
+                continue
+            best = max(range(len(grid)), key=lambda i: (means[i], -i))
+            chosen[(folder, row.label, variant, point)] = grid[best]
+            for i, (config, mean) in enumerate(zip(grid, means)):
+                where = f"| {bench.sweep.name}={point} " if bench.sweep else ""
+                lines.append(f"| {variant} {where}| {row.label} | {_show(config)} | {100 * mean:.2f} | {'chosen' if i == best else ''} |")
+    if lines:
+        sweep_col = "| " if bench.sweep else ""
+        header = (f"Tuned on validation ({len(bench.tuning.seeds)} tuning seed(s) {bench.tuning.seeds}, budget "
+                  f"{bench.tuning.budget} configurations per row; mean validation accuracy):\n\n"
+                  f"| student {sweep_col}| method | configuration | val acc (%) | |\n|---|{'---|' if bench.sweep else ''}---|---|---:|---|")
+        atomic_write_text(Path(bench.output_dir) / "tuning.md", header + "\n" + "\n".join(lines) + "\n")
+    return chosen
+
+
+def _tuning_config(exp: Experiment, overrides: list[str], rows: list[Row]) -> RunConfig:
+    """The experiment's config cut down to what tuning ``rows`` needs: the stages their stages depend on, and
+    one copy of each row's stage per configuration of its grid (``<stage>__t<i>``)."""
+    raw = load_raw(exp.config, overrides)
+    cfg = validate_config(raw, source=exp.config)
+    keep = {u for row in rows for u in upstream(cfg, row.stage)}
+    stages = [s for s in raw["stages"] if s["name"] in keep]
+    for row in rows:
+        original = next(s for s in raw["stages"] if s["name"] == row.stage)
+        for i, config in enumerate(row.grid()):
+            stage = copy.deepcopy(original)
+            stage["name"] = TUNED_COPY.format(stage=row.stage, index=i)
+            for item in _stage_overrides("x", config):
+                apply_override(stage, item.split(".", 2)[2])  # "stages.x.<key>=<value>" -> "<key>=<value>"
+            stages.append(stage)
+    raw["stages"] = stages
+    return validate_config(raw, source=f"{exp.config} (tuning)")
+
+
+def _show(config: dict[str, Any]) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in config.items())
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, Any], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
     for r in records:
-        groups.setdefault((r["method"], r["variant"]), []).append(r)
+        groups.setdefault((r["method"], r["variant"], r.get("point")), []).append(r)
+    return groups
+
+
+def _epochs(rs: list[dict[str, Any]]) -> int | None:
+    values = [r.get("student_epochs") for r in rs]
+    return max(set(values), key=values.count) if values else None
+
+
+def summarize(records: list[dict[str, Any]], reference: list[str] | str | None = None) -> list[dict[str, Any]]:
+    """Per (method, variant, sweep point), in first-seen order: n, mean and sample std, the 95 % CI of the test
+    accuracy, the student epochs, and the paired test-accuracy difference to the reference row of the same
+    student epochs (same variant and point, over the (draw, seed) pairs both have)."""
+    references = [reference] if isinstance(reference, str) else list(reference or [])
+    groups = _groups(records)
     rows = []
-    for (method, variant), rs in groups.items():
-        row = {"method": method, "variant": variant, "seeds": len(rs)}
-        for key in ("test_accuracy", "test_macro_f1", "val_accuracy", "train_time_s", "samples_per_s", "peak_memory_mb", "gate_entropy"):
-            values = [r[key] for r in rs if r.get(key) is not None]
-            row[f"{key}_mean"] = statistics.fmean(values) if values else float("nan")
-            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        acc = estimate([r["test_accuracy"] for r in rs])
-        row["test_accuracy_ci_low"], row["test_accuracy_ci_high"] = acc.low, acc.high
-        if reference is not None and method != reference:
-            row.update({f"vs_reference_{k}": v for k, v in compare_rows(groups, method, reference, variant).items()})
+    for (method, variant, point), rs in groups.items():
+        row: dict[str, Any] = {"method": method, "variant": variant, "point": point, "seeds": len(rs),
+                               "student_epochs": _epochs(rs), "optimizer": rs[0].get("optimizer"),
+                               "selection": rs[0].get("selection"), "tune_configs": rs[0].get("tune_configs", 0),
+                               "tuned": rs[0].get("tuned")}
+        for key in METRICS:
+            est = estimate([r[key] for r in rs if r.get(key) is not None])
+            row[f"{key}_mean"], row[f"{key}_std"] = est.mean, est.std if est.n > 1 else 0.0
+            if key == "test_accuracy":
+                row["test_accuracy_ci_low"], row["test_accuracy_ci_high"] = est.low, est.high
+        if references and method not in references:
+            matched = [ref for ref in references if (ref, variant, point) in groups and _epochs(groups[(ref, variant, point)]) == row["student_epochs"]]
+            row["reference"] = matched[0] if matched else None
+            if matched:
+                row.update({f"vs_reference_{k}": v for k, v in compare_rows(groups, method, matched[0], variant, point).items()})
         rows.append(row)
     return rows
 
 
-def compare_rows(groups: dict[tuple[str, str], list[dict[str, Any]]], a: str, b: str, variant: str) -> dict[str, Any]:
-    """Test accuracy of row ``a`` minus row ``b`` (one variant), paired over the seeds both have: ``n``, ``diff``,
-    ``ci_low``, ``ci_high``, ``p``, ``separated``; empty with fewer than two pairs."""
-    other = {r["seed"]: r["test_accuracy"] for r in groups.get((b, variant), [])}
-    pairs = [(r["test_accuracy"], other[r["seed"]]) for r in groups.get((a, variant), []) if r["seed"] in other]
+def compare_rows(groups: dict[tuple[str, str, Any], list[dict[str, Any]]], a: str, b: str, variant: str, point: Any = None
+                 ) -> dict[str, Any]:
+    """Test accuracy of row ``a`` minus row ``b`` (one variant and sweep point), paired over the (draw, seed)
+    pairs both have: ``n``, ``diff``, ``ci_low``, ``ci_high``, ``p``, ``separated``; empty with fewer than two pairs."""
+    other = {(r.get("draw"), r["seed"]): r["test_accuracy"] for r in groups.get((b, variant, point), [])}
+    pairs = [(r["test_accuracy"], other[k]) for r in groups.get((a, variant, point), []) if (k := (r.get("draw"), r["seed"])) in other]
     if len(pairs) < 2:
         return {}
     cmp = paired([x for x, _ in pairs], [y for _, y in pairs])
@@ -192,57 +429,107 @@ def compare_rows(groups: dict[tuple[str, str], list[dict[str, Any]]], a: str, b:
 
 
 def comparisons_table(records: list[dict[str, Any]], comparisons: list[Comparison]) -> str:
-    """One line per (comparison, variant): the paired test-accuracy difference, its CI and p-value."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in records:
-        groups.setdefault((r["method"], r["variant"]), []).append(r)
-    variants = list(dict.fromkeys(r["variant"] for r in records))
+    """One line per (comparison, variant, sweep point): the paired test-accuracy difference, its CI and p-value."""
+    groups = _groups(records)
+    cases = list(dict.fromkeys((r["variant"], r.get("point")) for r in records))
     lines = ["| student | comparison (a - b) | n | Δ test acc (pp): mean [95 % CI] | p | |", "|---|---|---:|---|---:|---|"]
     for c in comparisons:
-        for v in variants:
-            if not (d := compare_rows(groups, c.a, c.b, v)):
+        for v, point in cases:
+            if not (d := compare_rows(groups, c.a, c.b, v, point)):
                 continue
             verdict = "outside the noise" if d["separated"] else "no measurable difference"
-            lines.append(f"| {v} | {c.a} - {c.b} | {d['n']} | {100 * d['diff']:+.2f} [{100 * d['ci_low']:+.2f}, "
+            where = v if point is None else f"{v} @ {point}"
+            lines.append(f"| {where} | {c.a} - {c.b} | {d['n']} | {100 * d['diff']:+.2f} [{100 * d['ci_low']:+.2f}, "
                          f"{100 * d['ci_high']:+.2f}] | {d['p']:.3f} | {verdict} |")
     return "\n".join(lines)
 
 
-def markdown_table(summary: list[dict[str, Any]], reference: str | None = None) -> str:
-    vs = f"Δ test acc vs {reference} (pp, paired: mean [95 % CI], p)" if reference else "Δ vs reference"
+def markdown_table(summary: list[dict[str, Any]], reference: list[str] | str | None = None, sweep: str | None = None) -> str:
+    references = [reference] if isinstance(reference, str) else list(reference or [])
+    vs = ("Δ test acc vs " + (references[0] if len(references) == 1 else "the no-KD student of the same budget")
+          + " (pp, paired: mean [95 % CI], p)")
     gate = any(r["gate_entropy_mean"] == r["gate_entropy_mean"] for r in summary)  # some row routes (not NaN)
     lines = [
-        f"| student | method | seeds | test acc (%) | 95 % CI | {vs} | test macro-F1 (%) | val acc (%) "
-        + ("| gate entropy (x ln E, last epoch) " if gate else "")
+        f"| student {f'| {sweep} ' if sweep else ''}| method | student epochs | n | test acc (%) | 95 % CI | {vs} "
+        "| test macro-F1 (%) | val acc (%) " + ("| gate entropy (x ln E, last epoch) " if gate else "")
         + "| train time (s, incl. teachers) | samples/s | peak mem (MB) |",
-        "|---|---|---:|---:|---|---|---:|---:|" + ("---:|" if gate else "") + "---:|---:|---:|",
+        "|---|" + ("---:|" if sweep else "") + "---|---:|---:|---:|---|---|---:|---:|" + ("---:|" if gate else "") + "---:|---:|---:|",
     ]
     for r in summary:
         pct = lambda key: f"{100 * r[key + '_mean']:.2f}" + (f" ± {100 * r[key + '_std']:.2f}" if r["seeds"] > 1 else "")
         ci = f"[{100 * r['test_accuracy_ci_low']:.2f}, {100 * r['test_accuracy_ci_high']:.2f}]" if r["seeds"] > 1 else "-"
+        point = f"| {r['point']} " if sweep else ""
+        epochs = r["student_epochs"] if r["student_epochs"] is not None else "-"
+        entropy = "" if not gate else f"| {r['gate_entropy_mean']:.2f} " if r["gate_entropy_mean"] == r["gate_entropy_mean"] else "| - "
         lines.append(
-            f"| {r['variant']} | {r['method']} | {r['seeds']} | {pct('test_accuracy')} | {ci} | {_versus(r)} "
-            f"| {pct('test_macro_f1')} | {pct('val_accuracy')} "
-            + (f"| {r['gate_entropy_mean']:.2f} " if gate and r["gate_entropy_mean"] == r["gate_entropy_mean"] else "| - " if gate else "")
-            + f"| {r['train_time_s_mean']:.1f} | {r['samples_per_s_mean']:.0f} | {r['peak_memory_mb_mean']:.0f} |"
+            f"| {r['variant']} {point}| {r['method']} | {epochs} | {r['seeds']} | {pct('test_accuracy')} | {ci} "
+            f"| {_versus(r, references)} | {pct('test_macro_f1')} | {pct('val_accuracy')} {entropy}"
+            f"| {r['train_time_s_mean']:.1f} | {r['samples_per_s_mean']:.0f} | {r['peak_memory_mb_mean']:.0f} |"
         )
-    return "\n".join(lines)
+    notes = protocol_notes(summary, references)
+    return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
 
-def _versus(r: dict[str, Any]) -> str:
+def _versus(r: dict[str, Any], references: list[str]) -> str:
+    if references and r["method"] not in references and r.get("reference") is None:
+        return f"no budget-matched reference ({r['student_epochs']} student epochs)"
     if r.get("vs_reference_n", 0) < 2:
         return "-"
     verdict = "*" if r["vs_reference_separated"] else "n.s."
+    versus = f" vs {r['reference']}" if len(references) > 1 else ""
     return (f"{100 * r['vs_reference_diff']:+.2f} [{100 * r['vs_reference_ci_low']:+.2f}, "
-            f"{100 * r['vs_reference_ci_high']:+.2f}], p={r['vs_reference_p']:.3f} {verdict} (n={r['vs_reference_n']})")
+            f"{100 * r['vs_reference_ci_high']:+.2f}], p={r['vs_reference_p']:.3f} {verdict} (n={r['vs_reference_n']}){versus}")
+
+
+def protocol_notes(summary: list[dict[str, Any]], references: list[str]) -> list[str]:
+    """Where a row departs from the protocol: another optimizer family or selection metric than its
+    reference's, or a tuning budget other rows did not get."""
+    by_key = {(r["method"], r["variant"], r["point"]): r for r in summary}
+    notes = []
+    for r in summary:
+        ref = by_key.get((r.get("reference"), r["variant"], r["point"]))
+        if ref is None:
+            continue
+        for key, what in (("optimizer", "optimizer"), ("selection", "selection metric")):
+            if r.get(key) != ref.get(key):
+                notes.append(f"{r['variant']}: '{r['method']}' uses {what} {r.get(key)}, its reference {ref.get(key)}")
+    budgets = {r["tune_configs"] for r in summary}
+    if len(budgets) > 1:
+        untuned = sorted({r["method"] for r in summary if r["tune_configs"] == 0})
+        notes.append(f"tuning configurations differ across rows ({sorted(budgets)})" + (f"; not tuned: {', '.join(untuned)}" if untuned else ""))
+    return list(dict.fromkeys(notes))
+
+
+def dose_response_table(summary: list[dict[str, Any]], sweep: str) -> str:
+    """Method rows x sweep-point columns: test accuracy mean [95 % CI] (one block per student variant)."""
+    points = list(dict.fromkeys(r["point"] for r in summary))
+    lines = [f"| student | method | " + " | ".join(f"{sweep} = {p}" for p in points) + " |",
+             "|---|---|" + "---|" * len(points)]
+    cell = {(r["method"], r["variant"], r["point"]): r for r in summary}
+    for variant in dict.fromkeys(r["variant"] for r in summary):
+        for method in dict.fromkeys(r["method"] for r in summary if r["variant"] == variant):
+            values = []
+            for p in points:
+                r = cell.get((method, variant, p))
+                values.append("-" if r is None else f"{100 * r['test_accuracy_mean']:.2f} [{100 * r['test_accuracy_ci_low']:.2f}, "
+                              f"{100 * r['test_accuracy_ci_high']:.2f}]" + (" *" if r.get("vs_reference_separated") else ""))
+            lines.append(f"| {variant} | {method} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
 
 
 def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
     out = Path(bench.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(records, bench.reference)
-    table = markdown_table(summary, bench.reference)
+    sweep = bench.sweep.name if bench.sweep else None
+    table = markdown_table(summary, bench.reference, sweep)
     if bench.comparisons:
         table += "\n\nPaired comparisons:\n\n" + comparisons_table(records, bench.comparisons)
+    if sweep:
+        table += f"\n\nDose-response (test accuracy, %, mean [95 % CI]; * outside the noise vs the no-KD student):\n\n" + dose_response_table(summary, sweep)
+        _dose_response_plot(summary, sweep, out / "dose_response.png")
+    if (out / "tuning.md").is_file():
+        table += "\n\n" + (out / "tuning.md").read_text().strip()
     atomic_write_text(out / "results.md", table + "\n")
     atomic_write_text(out / "records.json", json.dumps(records, indent=1) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
@@ -254,22 +541,48 @@ def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
     return table
 
 
-def _bar_chart(summary: list[dict[str, Any]], path: Path) -> None:
+@contextmanager
+def _panels(summary: list[dict[str, Any]], path: Path, width: float, height: float
+            ) -> Iterator[list[tuple[Any, str, list[dict[str, Any]]]]]:
+    """One matplotlib panel per student variant, with that variant's summary rows; saved to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     variants = list(dict.fromkeys(r["variant"] for r in summary))
-    fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants), 3.8), squeeze=False)
-    for ax, v in zip(axes[0], variants):
-        rs = [r for r in summary if r["variant"] == v]
-        ax.barh([r["method"] for r in rs], [100 * r["test_accuracy_mean"] for r in rs],
-                xerr=[100 * r["test_accuracy_std"] for r in rs], color="tab:blue", alpha=0.8)
-        ax.invert_yaxis()
-        ax.set_xlabel("test accuracy (%)")
-        ax.set_title(f"student: {v}")
-        ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    fig, axes = plt.subplots(1, len(variants), figsize=(width * len(variants), height), squeeze=False)
+    try:
+        yield [(ax, v, [r for r in summary if r["variant"] == v]) for ax, v in zip(axes[0], variants)]
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+    finally:
+        plt.close(fig)
+
+
+def _bar_chart(summary: list[dict[str, Any]], path: Path) -> None:
+    with _panels(summary, path, 6, 3.8) as panels:
+        for ax, v, rs in panels:
+            labels = [r["method"] + (f" @ {r['point']}" if r["point"] is not None else "") for r in rs]
+            ax.barh(labels, [100 * r["test_accuracy_mean"] for r in rs],
+                    xerr=[100 * r["test_accuracy_std"] for r in rs], color="tab:blue", alpha=0.8)
+            ax.invert_yaxis()
+            ax.set_xlabel("test accuracy (%)")
+            ax.set_title(f"student: {v}")
+            ax.grid(axis="x", alpha=0.3)
+
+
+def _dose_response_plot(summary: list[dict[str, Any]], sweep: str, path: Path) -> None:
+    with _panels(summary, path, 6, 4.2) as panels:
+        for ax, v, rs in panels:
+            for method in dict.fromkeys(r["method"] for r in rs):
+                pts = [r for r in rs if r["method"] == method]
+                mean = [100 * r["test_accuracy_mean"] for r in pts]
+                err = [[m - 100 * r["test_accuracy_ci_low"] for m, r in zip(mean, pts)],
+                       [100 * r["test_accuracy_ci_high"] - m for m, r in zip(mean, pts)]]
+                ax.errorbar([float(r["point"]) for r in pts], mean, yerr=err, marker="o", capsize=3, label=method)
+            ax.set_xlabel(sweep)
+            ax.set_ylabel("test accuracy (%), mean and 95 % CI")
+            ax.set_title(f"student: {v}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)

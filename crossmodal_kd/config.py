@@ -149,13 +149,18 @@ class RunConfig(Strict):
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read YAML (following ``base:`` includes), apply ``a.b=c`` overrides and validate."""
+    return validate_config(load_raw(path, overrides), source=str(path))
+
+
+def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The config as a plain mapping, ``base:`` includes merged and overrides applied, not yet validated."""
     path = Path(path)
     raw = _read_with_bases(path, chain=())
     for item in overrides or []:
         apply_override(raw, item)
     if isinstance(raw.get("imports"), list):  # plugin files are found next to the config first
         raw["imports"] = [_beside(path, entry) for entry in raw["imports"]]
-    return validate_config(raw, source=str(path))
+    return raw
 
 
 def _beside(config_path: Path, entry: Any) -> Any:

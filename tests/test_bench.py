@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import statistics
+from pathlib import Path
 
 import pytest
 import yaml
@@ -47,7 +48,7 @@ def test_bench_tables_resume_and_report_only(tmp_path):
     kd_audio = [r for r in records if r["method"] == "KD" and r["variant"] == "audio"]
     mean = statistics.fmean(r["test_accuracy"] for r in kd_audio)
     std = statistics.stdev(r["test_accuracy"] for r in kd_audio)
-    assert f"| audio | KD | 2 | {100 * mean:.2f} ± {100 * std:.2f} |" in table
+    assert f"| audio | KD | 3 | 2 | {100 * mean:.2f} ± {100 * std:.2f} |" in table  # 3 student epochs, n = 2
     with open(tmp_path / "bench/results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and float(rows[0]["test_accuracy_mean"]) > 0
@@ -77,9 +78,10 @@ def test_bench_file_errors_name_the_key(tmp_path):
         load_bench(bad)
 
 
-def _record(method, seed, acc, variant="image", entropy=None):
-    return {"method": method, "variant": variant, "seed": seed, "test_accuracy": acc, "test_macro_f1": acc,
-            "val_accuracy": acc, "train_time_s": 1.0, "samples_per_s": 1.0, "peak_memory_mb": 1.0, "gate_entropy": entropy}
+def _record(method, seed, acc, variant="image", entropy=None, epochs=20, draw=None, optimizer="adamw"):
+    return {"method": method, "variant": variant, "seed": seed, "draw": draw, "test_accuracy": acc, "test_macro_f1": acc,
+            "val_accuracy": acc, "train_time_s": 1.0, "samples_per_s": 1.0, "peak_memory_mb": 1.0, "gate_entropy": entropy,
+            "student_epochs": epochs, "optimizer": optimizer, "selection": "accuracy", "tune_configs": 0}
 
 
 def test_paired_comparisons_and_gate_entropy_column():
@@ -114,6 +116,7 @@ def test_variant_overrides_reach_their_variant_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_module, "Runner", FakeRunner)
     path = bench_file(tmp_path, seeds=[0])
+    seen.clear()
     spec = yaml.safe_load(path.read_text())
     spec["variants"]["audio"] = []
     spec["experiments"][0]["variant_overrides"] = {"audio": ["networks.image_student=audio_net"]}
@@ -139,3 +142,97 @@ def test_cli_bench_variants_filter_names_unknown_ones(tmp_path, capsys):
     assert main(["bench", str(bench_file(tmp_path)), "--variants", "video", "--report-only"]) == 2
     err = capsys.readouterr().err
     assert "bench.yaml: no variant video; variants: " in err and {"image", "audio"} <= set(err.split("variants: ")[1].strip().split(", "))
+
+
+def test_rows_are_compared_with_the_reference_of_their_student_budget():
+    """A 40-epoch method is paired with the 40-epoch no-KD student, never the 20-epoch one; a budget without a
+    reference is said, not computed; another optimizer family is listed under the table."""
+    from crossmodal_kd.bench import markdown_table
+
+    records = [_record("none20", s, 0.60 + 0.01 * s) for s in range(4)]
+    records += [_record("none40", s, 0.62 + 0.01 * s, epochs=40) for s in range(4)]
+    records += [_record("mst", s, 0.63 + 0.01 * s + (0.001 if s % 2 else -0.001), epochs=40) for s in range(4)]
+    records += [_record("official", s, 0.50, epochs=101, optimizer="adam") for s in range(4)]
+    records += [_record("kd", s, 0.605 + 0.01 * s, optimizer="adam") for s in range(4)]
+    rows = {r["method"]: r for r in summarize(records, ["none20", "none40"])}
+    assert rows["mst"]["reference"] == "none40" and abs(rows["mst"]["vs_reference_diff"] - 0.01) < 1e-9
+    assert rows["kd"]["reference"] == "none20" and abs(rows["kd"]["vs_reference_diff"] - 0.005) < 1e-9
+    assert rows["official"]["reference"] is None and "vs_reference_diff" not in rows["official"]
+    table = markdown_table(list(rows.values()), ["none20", "none40"])
+    assert "| official | 101 | 4 |" in table and "no budget-matched reference (101 student epochs)" in table
+    assert "| mst | 40 | 4 | 64.50 ± " in table and "vs none40" in table
+    assert "- image: 'kd' uses optimizer adam, its reference adamw" in table
+
+
+def test_draws_and_sweep_points_pair_by_draw_and_seed_and_plot_the_dose_response(tmp_path, monkeypatch):
+    import crossmodal_kd.bench as bench_module
+
+    seen = []
+
+    class FakeRunner:
+        def __init__(self, cfg, run_dir, **kwargs):
+            self.cfg, self.run_dir = cfg, run_dir
+            seen.append((run_dir.relative_to(tmp_path / "bench"), cfg.data.params, cfg.seed))
+
+        def run(self):
+            p = self.cfg.data.params
+            base = 0.5 + 0.2 * p["shared"] + 0.03 * p["seed"] + 0.01 * self.cfg.seed
+            stage = lambda acc: {"models": {m: {"test": {"accuracy": acc, "macro_f1": acc}, "val": {"accuracy": acc}} for m in ("model", "student")},
+                                 "train_time_s": 1.0, "train_samples_per_s": 1.0, "peak_memory_mb": 1.0}
+            return {"stages": {"student_only": stage(base), "kd_mm": stage(base + 0.1 * p["shared"]), "teacher_mm": stage(0.9)}}
+
+    monkeypatch.setattr(bench_module, "Runner", FakeRunner)
+    bench = load_bench(bench_file(tmp_path, seeds=[0, 1], draws=[0, 1], reference="student only",
+                                  sweep={"name": "shared", "key": "data.params.shared", "values": [0.0, 0.5]},
+                                  variants={"image": []}))
+    records = run_bench(bench, progress=False)
+    assert len(seen) == 2 * 2 * 2 and len(records) == 2 * len(seen)
+    assert (Path("synthetic_kd/image/shared0.5/draw1/seed0"), {"shared": 0.5, "seed": 1}, 0) in seen
+    rows = {(r["method"], r["point"]): r for r in summarize(records, bench.reference)}
+    kd = rows[("KD", 0.5)]
+    assert kd["seeds"] == 4 and kd["vs_reference_n"] == 4 and abs(kd["vs_reference_diff"] - 0.05) < 1e-9
+    assert rows[("KD", 0.0)]["vs_reference_diff"] == 0.0 and not rows[("KD", 0.0)]["vs_reference_separated"]
+    table = write_reports(bench, records)
+    assert "| student | shared | method |" in table.splitlines()[0]
+    dose = table.split("Dose-response")[1]
+    assert "| image | KD | " in dose and "shared = 0.0 | shared = 0.5" in dose
+    assert (tmp_path / "bench/dose_response.png").stat().st_size > 0
+
+
+def test_tuning_trains_stage_copies_on_validation_and_runs_the_benchmark_with_the_best(tmp_path, monkeypatch):
+    import crossmodal_kd.bench as bench_module
+
+    seen = {}
+
+    class FakeRunner:
+        def __init__(self, cfg, run_dir, **kwargs):
+            self.cfg = cfg
+            seen[run_dir.relative_to(tmp_path / "bench").as_posix()] = cfg
+
+        def run(self):
+            def stage(s):
+                tau = s.method.params.get("tau", 4.0)
+                val = {1.0: 0.70, 2.0: 0.80, 8.0: 0.60}.get(tau, 0.65)
+                return {"models": {m: {"test": {"accuracy": 1 - val, "macro_f1": 0.5}, "val": {"accuracy": val}} for m in ("model", "student")},
+                        "train_time_s": 1.0, "train_samples_per_s": 1.0, "peak_memory_mb": 1.0}
+            return {"stages": {s.name: stage(s) for s in self.cfg.stages}}
+
+    monkeypatch.setattr(bench_module, "Runner", FakeRunner)
+    path = bench_file(tmp_path, seeds=[0], variants={"image": []}, tuning={"seeds": [100, 101], "budget": 3})
+    spec = yaml.safe_load(path.read_text())
+    spec["experiments"][0]["rows"][1]["tune"] = {"method.params.tau": [1.0, 2.0, 8.0]}
+    path.write_text(yaml.safe_dump(spec))
+    records = run_bench(load_bench(path), progress=False)
+    tuning = seen["tuning/synthetic_kd/image/seed100"]
+    assert [s.name for s in tuning.stages] == ["teacher_mm", "kd_mm__t0", "kd_mm__t1", "kd_mm__t2"]  # upstream + copies
+    assert [s.method.params["tau"] for s in tuning.stages[1:]] == [1.0, 2.0, 8.0] and tuning.seed == 100
+    assert "tuning/synthetic_kd/image/seed101" in seen
+    assert seen["synthetic_kd/image/seed0"].stage("kd_mm").method.params["tau"] == 2.0  # best on validation
+    kd = next(r for r in records if r["method"] == "KD")
+    assert kd["tuned"] == {"method.params.tau": 2.0} and kd["tune_configs"] == 3
+    text = (tmp_path / "bench/tuning.md").read_text()
+    assert "| image | KD | tau=2.0 | 80.00 | chosen |" in text and "| image | KD | tau=8.0 | 60.00 |  |" in text
+    spec["experiments"][0]["rows"][1]["tune"] = {"method.params.tau": [1.0, 2.0], "method.params.w_kd": [0.5, 1.0]}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="row 'KD': its tune grid has 4 configurations, the budget is 3"):
+        load_bench(path)
