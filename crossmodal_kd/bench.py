@@ -271,6 +271,8 @@ def _record(bench: BenchConfig, cell: Cell, cfg: RunConfig, metrics: dict[str, A
         "student_epochs": student_epochs(cfg, row.stage), "optimizer": stage_cfg.optimizer.name,
         "selection": stage_cfg.select.metric, "tuned": tuned, "tune_configs": len(row.grid()),
         "gate_entropy": routing["entropy"][-1] / routing["max_entropy"] if routing.get("entropy") else None,
+        "routing_shares": {t: v[-1] for t, v in routing["shares"].items()} if routing.get("shares") else None,
+        "best_hit": routing["best_hit"][-1] if routing.get("best_hit") else None,
         "test_accuracy": m["test"]["accuracy"], "test_macro_f1": m["test"]["macro_f1"],
         "val_accuracy": m["val"]["accuracy"], "train_time_s": train_time,
         "samples_per_s": stage["train_samples_per_s"], "peak_memory_mb": stage["peak_memory_mb"],
@@ -500,6 +502,23 @@ def protocol_notes(summary: list[dict[str, Any]], references: list[str]) -> list
     return list(dict.fromkeys(notes))
 
 
+def routing_table(records: list[dict[str, Any]]) -> str:
+    """Rows that route: the gate's last-epoch entropy (x ln E), how often the chosen teacher was the one most
+    right about the label (``best_hit``), and each teacher's share of the top-1 choices, averaged over runs."""
+    lines = ["| student | method | n | gate entropy (x ln E) | best hit | top-1 share per teacher |", "|---|---|---:|---:|---:|---|"]
+    for (method, variant, point), rs in _groups(records).items():
+        rs = [r for r in rs if r.get("routing_shares")]
+        if not rs:
+            continue
+        teachers = list(dict.fromkeys(t for r in rs for t in r["routing_shares"]))
+        shares = ", ".join(f"{t} {statistics.fmean(r['routing_shares'].get(t, 0.0) for r in rs):.2f}" for t in teachers)
+        hits = [r["best_hit"] for r in rs if r.get("best_hit") is not None]
+        where = variant if point is None else f"{variant} @ {point}"
+        lines.append(f"| {where} | {method} | {len(rs)} | {statistics.fmean(r['gate_entropy'] for r in rs):.2f} "
+                     f"| {statistics.fmean(hits) if hits else float('nan'):.2f} | {shares} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def dose_response_table(summary: list[dict[str, Any]], sweep: str) -> str:
     """Method rows x sweep-point columns: test accuracy mean [95 % CI] (one block per student variant)."""
     points = list(dict.fromkeys(r["point"] for r in summary))
@@ -525,8 +544,10 @@ def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
     table = markdown_table(summary, bench.reference, sweep)
     if bench.comparisons:
         table += "\n\nPaired comparisons:\n\n" + comparisons_table(records, bench.comparisons)
+    if routing := routing_table(records):
+        table += "\n\nRouting (last epoch of the routed stage):\n\n" + routing
     if sweep:
-        table += f"\n\nDose-response (test accuracy, %, mean [95 % CI]; * outside the noise vs the no-KD student):\n\n" + dose_response_table(summary, sweep)
+        table += "\n\nDose-response (test accuracy, %, mean [95 % CI]; * outside the noise vs the no-KD student):\n\n" + dose_response_table(summary, sweep)
         _dose_response_plot(summary, sweep, out / "dose_response.png")
     if (out / "tuning.md").is_file():
         table += "\n\n" + (out / "tuning.md").read_text().strip()

@@ -236,3 +236,14 @@ def test_tuning_trains_stage_copies_on_validation_and_runs_the_benchmark_with_th
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="row 'KD': its tune grid has 4 configurations, the budget is 3"):
         load_bench(path)
+
+
+def test_routing_table_averages_the_last_epoch_shares_of_routed_rows():
+    from crossmodal_kd.bench import routing_table
+
+    records = [{**_record("MST", s, 0.6, entropy=0.5 + 0.1 * s), "best_hit": 0.4 + 0.2 * s,
+                "routing_shares": {"mm": 0.6 + 0.2 * s, "cm": 0.4 - 0.2 * s}} for s in range(2)]
+    records += [_record("KD", s, 0.6) for s in range(2)]
+    lines = routing_table(records).splitlines()
+    assert lines[2] == "| image | MST | 2 | 0.55 | 0.50 | mm 0.70, cm 0.30 |" and len(lines) == 3
+    assert routing_table(records[2:]) == ""
