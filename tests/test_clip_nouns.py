@@ -122,10 +122,10 @@ def test_noun_embeddings_average_templates_and_are_cached(tmp_path):
     torch.testing.assert_close(emb, F.normalize(per_template.mean(0), dim=1))
     assert len(list(tmp_path.glob("nouns-*.pt"))) == 1
 
-    again = noun_embeddings(backend, nouns, cache_dir=tmp_path, progress=False)
-    assert backend.calls == 3  # read from the cache: nothing encoded
+    again = noun_embeddings(backend, nouns, PAPER_TEMPLATES, cache_dir=tmp_path, progress=False)
+    assert backend.calls == 3  # the default templates are the paper's: read from the cache, nothing encoded
     assert torch.equal(again, emb)
-    noun_embeddings(backend, nouns, PAPER_TEMPLATES, cache_dir=tmp_path, progress=False)
+    noun_embeddings(backend, nouns, ["a photo of a {}."], cache_dir=tmp_path, progress=False)
     noun_embeddings(backend, nouns[:4], cache_dir=tmp_path, progress=False)
     noun_embeddings(HashText(key="other-weights"), nouns, cache_dir=tmp_path, progress=False)
     assert backend.calls == 5 and len(list(tmp_path.glob("nouns-*.pt"))) == 4  # each key its own file
@@ -211,9 +211,13 @@ def test_filter_keeps_the_nouns_nearest_each_image_cluster():
     sel = filter_nouns_by_images(images, NOUNS, NOUN_EMB, k=2, top_m=2, mode="assign")
     assert sorted(sel.nouns) == ["alpha", "alpha3", "beta"]
     assert sel.nouns.index("alpha") < sel.nouns.index("alpha3")  # by similarity within a centre
-    # nearest mode: every centre takes its own top 2 from the whole pool
-    sel = filter_nouns_by_images(images, NOUNS, NOUN_EMB, k=2, top_m=2, mode="nearest")
+    # nearest mode: every centre takes its own top 2 from the whole pool. By cosine the beta centre's second
+    # is alpha2 (cos 0.37 to it); by the softmax over centres it is far (0.29 to alpha's centre, 0 to beta's:
+    # p = 0.43 against alpha2's 0.36, whose cos 0.93 to alpha's centre makes it alpha's noun)
+    sel = filter_nouns_by_images(images, NOUNS, NOUN_EMB, k=2, top_m=2, mode="nearest", ranking="cosine")
     assert sorted(sel.nouns) == ["alpha", "alpha2", "alpha3", "beta"]
+    sel = filter_nouns_by_images(images, NOUNS, NOUN_EMB, k=2, top_m=2, mode="nearest")
+    assert sorted(sel.nouns) == ["alpha", "alpha3", "beta", "far"]
     assert sel.nouns == filter_nouns_by_images(images, NOUNS, NOUN_EMB, k=2, top_m=2, mode="nearest").nouns
 
 
@@ -225,3 +229,5 @@ def test_filter_errors_name_the_mismatch():
         filter_nouns_by_images(images, NOUNS, NOUN_EMB[:, :3], k=2)
     with pytest.raises(ValueError, match="unknown mode 'best'; valid: assign, nearest"):
         filter_nouns_by_images(images, NOUNS, NOUN_EMB, k=2, mode="best")
+    with pytest.raises(ValueError, match="unknown ranking 'dot'; valid: softmax, cosine"):
+        filter_nouns_by_images(images, NOUNS, NOUN_EMB, k=2, ranking="dot")

@@ -124,9 +124,9 @@ def test_hierarchical_loss_of_the_relaxed_clip_teacher():
     pretrained = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # cos to relaxed: 1/sqrt(2), 0
     ce = (-math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(2)) / 2
     c = 1 / math.sqrt(2)
-    terms = hierarchical_terms(logits, labels, relaxed, class_text, pretrained, w_class=0.2, w_pre=0.005)
+    terms = hierarchical_terms(logits, labels, relaxed, class_text, relaxed, pretrained, w_class=0.2, w_pre=0.005)
     assert terms["ce"].item() == pytest.approx(ce, rel=1e-6)
     assert terms["class"].item() == pytest.approx(0.2 * ((1 - c) + 0) / 2, rel=1e-6)
     assert terms["pretrained"].item() == pytest.approx(0.005 * ((1 - c) + 1) / 2, rel=1e-6)
-    total = sum(hierarchical_terms(logits, labels, relaxed, class_text, pretrained).values())  # defaults 0.2 / 0.005
+    total = sum(hierarchical_terms(logits, labels, relaxed, class_text, relaxed, pretrained).values())  # defaults 0.2 / 0.005
     assert total.item() == pytest.approx(ce + 0.1 * (1 - c) + 0.0025 * (2 - c), rel=1e-6)

@@ -1,10 +1,14 @@
 """The WordNet noun pool of the relaxed CLIP teacher: nouns, their prompt embeddings, image-aware filtering.
 
 Pipeline (Guo et al., arXiv 2503.24017): :func:`noun_pool` picks WordNet nouns and drops the class names and their WordNet
-synonyms (so the teacher never reads its label); :func:`noun_embeddings` encodes each noun under
-several prompt templates with a :class:`~crossmodal_kd.clip.backends.ClipBackend`, averages and
-re-normalises, caching the result on disk; :func:`filter_nouns_by_images` keeps the nouns nearest to
-spherical k-means centres of the training images' CLIP embeddings.
+synonyms (so the teacher never reads its label); :func:`noun_embeddings` encodes each noun under the
+paper's 7 prompt templates with a :class:`~crossmodal_kd.clip.backends.ClipBackend`, averages and
+re-normalises, caching the result on disk; :func:`filter_nouns_by_images` keeps, per spherical k-means
+centre of the training images' CLIP embeddings, the nouns that centre explains best.
+
+The public code (github.com/chenqiguo/CrossmodalKD, ``trainer_regularizerV2.py``,
+``get_CLIP_text_embeddings_WordNet``) encodes the whole WordNet noun list and filters it with k = 150
+centres and the top 5 nouns per centre, for every dataset.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from crossmodal_kd.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.")
 PAPER_TEMPLATES = (
     "itap of a {}.",
     "a bad photo of the {}.",
@@ -39,7 +42,11 @@ PAPER_TEMPLATES = (
     "art of the {}.",
     "a photo of the small {}.",
 )
-"""The 7 templates of Guo et al. (Guo et al., arXiv 2503.24017)."""
+"""The 7 templates of Guo et al. (arXiv 2503.24017); the public code's ``SIMPLE_IMAGENET_TEMPLATES``
+(``trainer_regularizerV2.py``), used for the WordNet nouns (``get_prompt_WordNet``) and for the class names
+of the hierarchical loss (``get_prompt_GT``) alike."""
+DEFAULT_TEMPLATES = PAPER_TEMPLATES
+"""The templates :func:`noun_embeddings` and the ``wordnet_clip`` method use unless told otherwise."""
 
 
 @dataclass
@@ -194,7 +201,9 @@ def noun_embeddings(
     batch_size: int = 256,
     progress: bool = True,
 ) -> torch.Tensor:
-    """(len(nouns), embed_dim) unit-norm embeddings: each noun in every template, averaged, re-normalised.
+    """(len(nouns), embed_dim) unit-norm embeddings: each noun in every template (default the paper's 7),
+    averaged, re-normalised. Each template's embedding is unit norm before the average (the backend's
+    ``encode_text``), as in CLIP's prompt ensembling; the public code averages CLIP's raw text features.
 
     Computed once, ``batch_size`` nouns (x templates prompts) per encoder call, and cached in
     ``cache_dir`` (default ``<cache root>/noun_embeddings``) under a key of ``backend.cache_key``, the
@@ -298,19 +307,31 @@ def filter_nouns_by_images(
     k: int = 150,
     top_m: int = 5,
     mode: Literal["assign", "nearest"] = "assign",
+    ranking: Literal["softmax", "cosine"] = "softmax",
     iters: int = 100,
     seed: int = 0,
 ) -> NounSelection:
     """Image-aware noun filtering: spherical k-means on the image embeddings (N, D), then per centre
-    the ``top_m`` most similar nouns; at most ``k * top_m`` nouns.
+    the ``top_m`` best-ranked nouns; at most ``k * top_m`` nouns. Defaults: the paper's k = 150, top 5.
 
     ``mode="assign"`` (the paper, Guo et al.): every noun belongs to its most similar centre, and each
     centre keeps its ``top_m`` best (a centre that owns no noun keeps none). ``mode="nearest"``: each
-    centre takes its ``top_m`` nearest nouns of the whole pool; the union is kept. Output order:
-    by centre, then by similarity (most similar first), first occurrence only.
+    centre takes its ``top_m`` best nouns of the whole pool; the union is kept.
+
+    ``ranking``, how a centre ranks its nouns, with ``s_ij = cos(noun_i, centre_j)``:
+
+    - ``"softmax"`` (public code, ``get_CLIP_text_embeddings_WordNet``): ``p_ij = softmax_j(s_ij)``, the
+      probability of centre j among all centres for noun i (temperature 1). It favours nouns that fit their
+      centre *and no other*: a generic noun close to every centre ranks low.
+    - ``"cosine"``: ``s_ij`` itself, the nouns closest to the centre whatever their similarity to the others.
+
+    The owner of a noun is the same under both (the softmax is monotone in ``s_ij``). Output order: by
+    centre, then by rank (best first), first occurrence only.
     """
     if mode not in ("assign", "nearest"):
         raise ValueError(f"noun filtering: unknown mode '{mode}'; valid: assign, nearest")
+    if ranking not in ("softmax", "cosine"):
+        raise ValueError(f"noun filtering: unknown ranking '{ranking}'; valid: softmax, cosine")
     nouns = list(nouns)
     if noun_embeddings.shape[0] != len(nouns):
         raise ValueError(f"noun filtering: {len(nouns)} nouns but {noun_embeddings.shape[0]} noun embeddings")
@@ -322,10 +343,11 @@ def filter_nouns_by_images(
     centres, _ = spherical_kmeans(image_embeddings, k, iters=iters, seed=seed)
     nouns_n = F.normalize(noun_embeddings.float().to(centres.device), dim=-1)
     sims = nouns_n @ centres.T  # (M, k)
+    scores = sims.softmax(dim=1) if ranking == "softmax" else sims
     if mode == "assign":
         owner = sims.argmax(1)
-        sims = torch.where(owner[:, None] == torch.arange(k, device=sims.device), sims, float("-inf"))
-    top = sims.topk(min(top_m, len(nouns)), dim=0)  # (top_m, k), sorted by similarity
+        scores = torch.where(owner[:, None] == torch.arange(k, device=sims.device), scores, float("-inf"))
+    top = scores.topk(min(top_m, len(nouns)), dim=0)  # (top_m, k), best first
     ordered: dict[int, None] = {}  # an insertion-ordered set
     for j in range(k):
         for value, i in zip(top.values[:, j].tolist(), top.indices[:, j].tolist()):

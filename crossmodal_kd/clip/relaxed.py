@@ -7,9 +7,11 @@ the class names when those are excluded)::
     a = softmax(v N^T / temperature)          (temperature 0.005)
     r = normalize(a N)
 
-and a small MLP classifies ``[v, r]``. ``N`` is a learnable parameter initialised from the nouns'
-prompt embeddings (the method renormalises its rows after each optimizer step); the initial matrix is
-kept as the buffer ``pretrained_nouns`` for the hierarchical loss's third term.
+(public code, ``trainer_regularizerV2.py``: ``retrieve_text_v2``, ``tau = 0.005``) and a small MLP classifies
+``[v, r]``. ``N`` is a learnable parameter initialised from the nouns' prompt embeddings (the method
+renormalises its rows after each optimizer step, as the public code); the initial matrix is kept as the
+buffer ``pretrained_nouns`` for the hierarchical loss's third term (row-wise against ``N``, the public
+code's; or through ``relaxed_pretrained``, the mixture over it, with ``pretrained_term: relaxed``).
 
 ``label_oracle`` (ablation only, off by default): the naive leaky text teacher of the paper's ablation.
 The nouns must be the class names in label order, and the "relaxed" embedding is replaced by the row of

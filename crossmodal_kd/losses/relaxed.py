@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batch mean of ``1 - cos(a_i, b_i)`` over rows of ``(B, D)`` tensors (fp32)."""
+    """Mean of ``1 - cos(a_i, b_i)`` over the rows of ``(N, D)`` tensors (fp32)."""
     return (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean()
 
 
@@ -16,19 +16,23 @@ def hierarchical_terms(
     labels: torch.Tensor,
     relaxed: torch.Tensor,
     class_text: torch.Tensor,
-    relaxed_pretrained: torch.Tensor,
+    current: torch.Tensor,
+    pretrained: torch.Tensor,
     w_class: float = 0.2,
     w_pre: float = 0.005,
 ) -> dict[str, torch.Tensor]:
     """The three weighted terms of T_x's loss ``{"ce", "class", "pretrained"}``; the loss is their sum.
 
-    ``ce = CE(logits, labels)``; ``class = w_class * mean(1 - cos(n_class, n_relaxed))`` with
+    ``ce = CE(logits, labels)``; ``class = w_class * mean_i(1 - cos(n_class_i, n_relaxed_i))`` with
     ``n_class = class_text[labels]``, the class-name prompt embedding of each sample's label (``class_text``
-    is ``(C, D)``; it enters the loss only, never the network); ``pretrained = w_pre * mean(1 -
-    cos(n_relaxed, n_pretrained))`` with ``n_pretrained`` the relaxed embedding over the initial noun matrix.
+    is ``(C, D)``; it enters the loss only, never the network); ``pretrained = w_pre * mean_j(1 -
+    cos(current_j, pretrained_j))`` over paired rows: the learned noun matrix and its initial value ``(M, D)``
+    in the public code, or the relaxed embeddings over both ``(B, D)``. Public code
+    (``trainer_regularizerV2.py``): ``get_hierarchical_loss`` and the cosine regulariser, weights
+    ``lambda_hierarchical = 0.2`` and ``lambda_cosine_reg = 0.005``.
     """
     return {
         "ce": F.cross_entropy(logits.float(), labels),
         "class": w_class * cosine_distance(class_text[labels], relaxed),
-        "pretrained": w_pre * cosine_distance(relaxed, relaxed_pretrained),
+        "pretrained": w_pre * cosine_distance(current, pretrained),
     }

@@ -5,20 +5,23 @@ Building the stage:
 1. the CLIP ``backend`` (``CLIP_BACKENDS``; ``text_aligned`` offline, whose ``image_model`` may be a
    ``{stage: <align stage>}`` reference);
 2. the noun ``pool``: WordNet nouns (:func:`~crossmodal_kd.clip.nouns.noun_pool`: ``source`` all / tree /
-   class_tree, ``max_nouns``, ...) with the class names and their WordNet synonyms removed
-   (``exclude_class_names``, default on), or, for the leakage ablation only, ``source: class_names``:
-   the exact class names (requires ``exclude_class_names: false``);
-3. their prompt embeddings (``templates``), cached on disk (``cache_dir``, default the cache root's
-   ``noun_embeddings/``): a second run with the same backend, templates and pool reads the file;
-4. image-aware ``filtering``: spherical k-means (``k``) on the backend's embeddings of the *training*
-   split, ``top_m`` nouns per centre (``null``: keep the whole pool);
+   class_tree, ``max_nouns``, ...; default every WordNet noun, as the paper) with the class names and their
+   WordNet synonyms removed (``exclude_class_names``, default on), or, for the leakage ablation only,
+   ``source: class_names``: the exact class names (requires ``exclude_class_names: false``);
+3. their prompt embeddings (``templates``, default the paper's 7), cached on disk (``cache_dir``, default
+   the cache root's ``noun_embeddings/``): a second run with the same backend, templates and pool reads the
+   file;
+4. image-aware ``filtering`` (:func:`~crossmodal_kd.clip.nouns.filter_nouns_by_images`: ``k``, ``top_m``,
+   ``mode``, ``ranking``, ``iters``, ``seed``; default the paper's k = 150, top 5, softmax ranking): spherical
+   k-means on the backend's embeddings of the *training* split (``null``: keep the whole pool);
 5. T_x, a ``relaxed_clip`` network (:mod:`crossmodal_kd.clip.relaxed`) over the kept nouns, its noun
    matrix initialised from their embeddings.
 
-Training: the hierarchical loss ``CE + w_class (1 - cos(n_class, n_relaxed)) + w_pre (1 - cos(n_relaxed,
-n_pretrained))`` (:func:`~crossmodal_kd.losses.hierarchical_terms`), with ``n_class`` the class-name prompt
-embedding (``class_templates``) of each sample's label: in the loss only, never an input of T_x. The noun
-rows are renormalised after every optimizer step. Saved model: ``model`` (T_x), a teacher of the zoo.
+Training: the hierarchical loss ``CE + w_class mean_i (1 - cos(n_class, n_relaxed)) + w_pre mean_j (1 -
+cos(N_j, N0_j))`` (:func:`~crossmodal_kd.losses.hierarchical_terms`), with ``n_class`` the class-name prompt
+embedding (``class_templates``, default ``templates``) of each sample's label, in the loss only, never an
+input of T_x, and ``N``, ``N0`` the learned and the initial noun matrix (``pretrained_term``). The noun rows
+are renormalised after every optimizer step. Saved model: ``model`` (T_x), a teacher of the zoo.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate import PartialState
@@ -45,12 +48,17 @@ from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.models.io import attach_spec
 from crossmodal_kd.losses import hierarchical_terms
 from crossmodal_kd.methods.base import Method
-from crossmodal_kd.params import NonNegativeFloat, Params as BaseParams, PositiveFloat, PositiveInt
+from crossmodal_kd.params import NonNegativeFloat, Params as BaseParams, PositiveFloat, PositiveInt, record
 from crossmodal_kd.registry import METHODS, NETWORKS, check_kwargs
 
 log = logging.getLogger(__name__)
 
-FILTER_KEYS = {"k", "top_m", "mode", "iters", "seed"}
+FILTER_KEYS = {"k", "top_m", "mode", "ranking", "iters", "seed"}
+Filtering = record(
+    "Filtering", k=PositiveInt, top_m=PositiveInt, mode=Literal["assign", "nearest"],
+    ranking=Literal["softmax", "cosine"], iters=PositiveInt, seed=int,
+)
+"""The keyword arguments of :func:`filter_nouns_by_images` a config may set, typed."""
 # a fast-dev-run's caps: WordNet nouns sampled for the pool, k-means clusters and Lloyd steps
 FAST_DEV_NOUNS = 64
 FAST_DEV_CLUSTERS = 8
@@ -78,15 +86,25 @@ class WordNetClip(Method):
 
     ``backend``: ``{name, params}``. ``pool``: :func:`noun_pool` keywords (``source``, ``roots``, ``depth``,
     ``exclude_class_names``, ``extra_excluded``, ``max_nouns``, ``seed``) or ``source: class_names``.
-    ``filtering``: ``{k, top_m, mode, iters, seed}`` or ``null``. ``teacher``: T_x's ``{hidden, dropout}``
-    (and ``label_oracle: true`` for the naive label-leak ablation only, see :mod:`crossmodal_kd.clip.relaxed`).
-    ``class_names``: override the dataset's.
+    ``filtering``: ``{k, top_m, mode, ranking, iters, seed}`` or ``null``. ``teacher``: T_x's ``{hidden,
+    dropout}`` (and ``label_oracle: true`` for the naive label-leak ablation only, see
+    :mod:`crossmodal_kd.clip.relaxed`). ``class_names``: override the dataset's.
+
+    ``pretrained_term``, what the ``w_pre`` term keeps near its pretrained value:
+
+    - ``"nouns"`` (public code, ``trainer_regularizerV2.py``: ``(1 - F.cosine_similarity(nouns_embedding,
+      nouns_embedding_pretrained)).mean()``): every row of the learned noun matrix, mean over the M nouns.
+    - ``"relaxed"``: each sample's relaxed embedding over the learned matrix vs over the initial one, mean
+      over the batch. It constrains what T_x reads rather than parameters: nouns are weighted by how often
+      images retrieve them (a noun no image retrieves is free), the pull on a retrieved row does not shrink
+      as 1/M with the number of nouns, and a change of *which* noun an image retrieves (each row having
+      moved a little) is penalised, which the row-wise term cannot see.
     """
 
     class Params(BaseParams):
         backend: dict[str, Any]
         pool: dict[str, Any] | None = None
-        filtering: dict[str, Any] | None = None
+        filtering: Filtering | None = None
         templates: Sequence[str] = DEFAULT_TEMPLATES
         class_templates: Sequence[str] | None = None
         teacher: dict[str, Any] | None = None
@@ -94,6 +112,7 @@ class WordNetClip(Method):
         temperature: PositiveFloat = 0.005
         w_class: NonNegativeFloat = 0.2
         w_pre: NonNegativeFloat = 0.005
+        pretrained_term: Literal["nouns", "relaxed"] = "nouns"
         class_names: Sequence[str] | None = None
         cache_dir: str | None = None
         batch_size: PositiveInt = 512
@@ -113,7 +132,7 @@ class WordNetClip(Method):
         names = ctx.class_names_or(params.class_names)
         if modality not in ctx.input_shapes:
             raise ConfigError(f"{ctx.where}.modality: '{modality}' not in the data; have {', '.join(ctx.input_shapes)}")
-        self.w_class, self.w_pre = float(params.w_class), float(params.w_pre)
+        self.w_class, self.w_pre, self.pretrained_term = float(params.w_class), float(params.w_pre), params.pretrained_term
         state = PartialState()
         backend_spec = ctx.backend_spec(backend)
         clip = build_clip_backend(backend_spec["name"], backend_spec.get("params")).to(state.device).eval()
@@ -181,9 +200,12 @@ class WordNetClip(Method):
 
     def forward(self, batch):
         out = self.model(batch)
+        if self.pretrained_term == "nouns":
+            current, pretrained = self.model.noun_embeddings, self.model.pretrained_nouns
+        else:
+            current, pretrained = out["relaxed"], out["relaxed_pretrained"]
         terms = hierarchical_terms(
-            out["logits"], batch["label"], out["relaxed"], self.class_text, out["relaxed_pretrained"],
-            self.w_class, self.w_pre,
+            out["logits"], batch["label"], out["relaxed"], self.class_text, current, pretrained, self.w_class, self.w_pre
         )
         return out, terms
 
