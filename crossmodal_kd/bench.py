@@ -126,6 +126,7 @@ class Tuning(Strict):
 
 class BenchConfig(Strict):
     output_dir: str = "runs/bench"
+    stage_cache: str | None = Field(None, description="directory of finished stages shared by benchmarks (engine/stage_cache.py)")
     reference: list[str] = Field(
         default_factory=list, description="row label(s) of the no-KD student, one per student budget; every row is compared with the one of its budget"
     )
@@ -243,7 +244,7 @@ def run_bench(
             if metrics is None:
                 continue
         else:
-            metrics = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress).run()
+            metrics = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress, stage_cache=bench.stage_cache).run()
         for row, tuned_config in zip(cell.exp.rows, tuned):
             records.append(_record(bench, cell, cfg, metrics, row, tuned_config))
     return records
@@ -329,7 +330,7 @@ def tune(bench: BenchConfig, runs: list[Cell], *, fast_dev_run: bool, progress: 
             else:
                 if progress:
                     print(f"[tuning] {exp.config} variant={variant} {_where(bench, cell)} -> {run_dir}", flush=True)
-                metrics = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress).run()
+                metrics = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress, stage_cache=bench.stage_cache).run()
             for row in rows:
                 for i in range(len(row.grid())):
                     stage = metrics["stages"][TUNED_COPY.format(stage=row.stage, index=i)]

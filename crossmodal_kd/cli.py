@@ -102,6 +102,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in its directory (stages whose fingerprint matches)")
     p.add_argument("--restart-stage", action="append", default=[], metavar="NAME",
                    help="delete stage NAME and the stages depending on it and train them again; resumes the rest (repeatable)")
+    p.add_argument("--stage-cache", metavar="DIR", help="copy finished stages with the same fingerprint (and code) from DIR instead of training them; add new ones")
     p.add_argument("--fast-dev-run", action="store_true", help="every stage on a couple of batches (plumbing check)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (training, and model loading by transformers / huggingface_hub)")
 
@@ -113,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.output_dir or cfg.output_dir or Path("runs") / Path(args.config).stem)
     Runner(cfg, run_dir, resume=args.resume, fast_dev_run=args.fast_dev_run, progress=not args.no_progress,
-           restart_stages=args.restart_stage).run()
+           restart_stages=args.restart_stage, stage_cache=args.stage_cache).run()
     return 0
 
 

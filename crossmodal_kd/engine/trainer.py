@@ -50,6 +50,7 @@ from crossmodal_kd.engine.metrics import classification_metrics
 from crossmodal_kd.engine.preflight import check_trackers, preflight
 from crossmodal_kd.engine.crossfit import fill_out_of_fold
 from crossmodal_kd.engine.seeding import stage_seed
+from crossmodal_kd.engine.stage_cache import StageCache
 from crossmodal_kd.engine.targets import attach_targets, live_batches
 from crossmodal_kd.engine.report import plot_curves, read_jsonl, results_table, write_jsonl
 from crossmodal_kd.io import atomic_write_json, atomic_write_text
@@ -202,6 +203,7 @@ class Runner:
         fast_dev_run: bool = False,
         progress: bool = True,
         restart_stages: Sequence[str] = (),
+        stage_cache: str | Path | None = None,
     ) -> None:
         import_plugins(cfg.imports)
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -209,6 +211,7 @@ class Runner:
             cfg.stage(name)  # ConfigError naming the stages when there is no such stage
         self.resume, self.fast_dev_run = resume or bool(restart_stages), fast_dev_run
         self.restart = with_dependents(cfg, restart_stages)
+        self.stage_cache = StageCache(stage_cache) if stage_cache else None
         self.accelerator = make_accelerator(cfg, self.run_dir)
         self.progress = progress and self.accelerator.is_local_main_process
         for key in ("batch_size", "eval_batch_size"):
@@ -393,10 +396,21 @@ class Runner:
         if result_file.is_file() and self.resume:
             log.info("stage %s already finished; skipping", stage.name)
             return json.loads(result_file.read_text())
+        key = self.stage_cache.key(self.fingerprints[stage.name]) if self.stage_cache else None
+        # a stage that started training here finishes here; a restarted one trains afresh
+        if key and not (sdir / "checkpoints").exists() and stage.name not in self.restart:
+            if self.accelerator.is_main_process and self.stage_cache.fetch(key, sdir):
+                log.info("stage %s: finished copy reused from the stage cache (%s)", stage.name, self.stage_cache.root / key)
+            self.accelerator.wait_for_everyone()
+            if result_file.is_file():
+                return json.loads(result_file.read_text())
         if self.accelerator.is_main_process:  # before the first epoch: what this stage's state will come from
             atomic_write_json(sdir / "fingerprint.json", self.fingerprints[stage.name])
         set_seed(stage_seed(self.cfg.seed, stage.name))
-        return StageTrainer(self.env, index, stage, sdir).train()
+        result = StageTrainer(self.env, index, stage, sdir).train()
+        if key and self.accelerator.is_main_process:
+            self.stage_cache.store(key, sdir)
+        return result
 
 
 class StageTrainer:
