@@ -8,10 +8,11 @@ tensors the exported graph takes, in order: name, shape without the batch dim, d
 ONNX and TorchScript, the check against PyTorch on the run's validation batch.
 
 ``normalisation`` of an input is what the dataset did to the raw values before the network saw them:
-``{"kind": "zscore", "mean": [...], "std": [...]}`` (one value, or one per channel) when the dataset
-records its statistics (its loader normalises with them: CREMA-D, imagefolder, cifar100), ``{"kind":
+``{"kind": "zscore", "mean": [...], "std": [...], "shape"?: [...]}`` (one value, one per channel, or shaped as
+``shape`` says, e.g. one per mel bin) when the dataset
+records its statistics (its loader normalises with them: avdigits, CREMA-D, imagefolder, cifar100), ``{"kind":
 "none"}`` when it applies none (synthetic), ``{"kind": "unrecorded"}`` when it z-scores without keeping the
-statistics (avdigits, at build time; avmnist, features, textdigits, in ``load()``). ``raw`` says how a user's
+statistics (avmnist, features, textdigits, in ``load()``). ``raw`` says how a user's
 file becomes the un-normalised tensor: ``image`` (png: pixel scale, resize policy) for 1- or 3-channel
 2-D inputs, ``audio`` (wav: CREMA-D's log-mel front end) where the dataset has one.
 """
@@ -169,7 +170,8 @@ def _first_batch(splits: DataSplits, size: int) -> dict[str, torch.Tensor]:
 
 
 def _input_record(name: str, sample: torch.Tensor, family: Any, splits: DataSplits, dataset: str) -> dict[str, Any]:
-    from crossmodal_kd.data.cremad import CremaD, Normaliser
+    from crossmodal_kd.data.base import ZScore
+    from crossmodal_kd.data.cremad import CremaD
     from crossmodal_kd.data.images import ChannelNormaliser
 
     shape = list(sample.shape[1:])
@@ -178,9 +180,10 @@ def _input_record(name: str, sample: torch.Tensor, family: Any, splits: DataSpli
     raw: dict[str, Any] = {}
     if len(shape) == 3 and shape[0] in (1, 3):
         raw["image"] = {"pixel_scale": 1 / 255, "resize": "stretch", "resample": "bilinear"}
-    if isinstance(normaliser, Normaliser):  # CREMA-D: statistics in stored units (0..255 frames, log-mels)
+    if isinstance(normaliser, ZScore):  # CREMA-D, avdigits: statistics in stored units (0..255 pixels, log-mels)
         mean, std = normaliser.stats[name]
-        record["normalisation"] = {"kind": "zscore", "mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
+        record["normalisation"] = {"kind": "zscore", "mean": mean.flatten().tolist(), "std": std.flatten().tolist(),
+                                   "shape": list(mean.shape)}
         if "image" in raw:
             raw["image"]["pixel_scale"] = 1.0
     elif isinstance(normaliser, ChannelNormaliser):  # imagefolder, cifar100: x / 255, then per RGB channel
@@ -426,7 +429,8 @@ def _normalise(path: Path, x: torch.Tensor, record: Mapping[str, Any]) -> torch.
                           f"already in the model's input layout {_shape(record)}")
     if norm["kind"] == "none":
         return x
-    mean, std = (torch.tensor(norm[k], dtype=torch.float32).view(-1, *[1] * (x.dim() - 1)) for k in ("mean", "std"))
+    shape = norm.get("shape") or [-1, *[1] * (x.dim() - 1)]  # as recorded (e.g. one value per mel bin), else per channel
+    mean, std = (torch.tensor(norm[k], dtype=torch.float32).view(shape) for k in ("mean", "std"))
     return (x - mean) / std
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,35 +16,50 @@ from crossmodal_kd.data.avdigits_build import (
     AVDIGITS_VERSION,
     CLASS_NAMES,
     build_avdigits,
-    default_params,
+    resolve_params,
     verify_avdigits,
 )
 from crossmodal_kd.data.array_folder import CorruptDatasetError, array_folder_checksum, content_problems
-from crossmodal_kd.data.base import ArrayDataset, DataSplits, load_npy, params_key, raise_problems
+from crossmodal_kd.data.base import (
+    ArrayDataset,
+    DataSplits,
+    NormalisedArrayDataset,
+    ZScore,
+    load_npy,
+    params_key,
+    raise_problems,
+)
 from crossmodal_kd.registry import DATASETS
 
 log = logging.getLogger(__name__)
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
+def recorded_zscore(recorded: dict[str, dict[str, Any]]) -> ZScore:
+    """The z-score of ``manifest.json``'s ``normalisation``: per-modality statistics in the stored, raw units,
+    shaped as recorded (one value for images, one per mel bin for audio)."""
+    return ZScore({
+        modality: tuple(torch.tensor(s[k], dtype=torch.float32).view(s["shape"]) for k in ("mean", "std"))
+        for modality, s in recorded.items()
+    })
+
+
 @DATASETS.register("avdigits")
 class AVDigits:
     """Paired handwritten-digit images and spoken-digit log-mels; built on first use, cached, checksummed.
 
-    The cache lives in ``<root>/avdigits/v<version>-<hash of seed and recipe>``; a truncated or edited
-    cache fails its checksums and is rebuilt (it is generated data, so nothing is lost).
+    ``seed`` (``data.params.seed`` in a run config) is the draw: pools, pairs, deformations, noise. The
+    cache lives in ``<root>/avdigits/v<version>-<hash of seed and every recipe knob>``; a truncated or
+    edited cache fails its checksums and is rebuilt (it is generated data, so nothing is lost). The
+    arrays are stored raw (grey levels, log-mels) and z-scored per batch with the training statistics
+    recorded in the manifest (the splits' ``normalise``).
     """
 
     modalities = ("image", "audio")
 
-    def __init__(self, root: str | Path, seed: int = 0, **recipe) -> None:
-        unknown = sorted(set(recipe) - set(default_params()))
-        if unknown:
-            raise ValueError(
-                f"avdigits: unknown recipe key(s) {', '.join(unknown)}; valid: {', '.join(sorted(default_params()))}"
-            )
+    def __init__(self, root: str | Path, seed: int = 0, **recipe: Any) -> None:
         self.seed = seed
-        self.recipe = {**default_params(), **recipe}
+        self.recipe = resolve_params(recipe)
         key = params_key({"seed": seed, **self.recipe})
         self.path = Path(root) / "avdigits" / f"v{AVDIGITS_VERSION}-{key}"
 
@@ -57,6 +75,13 @@ class AVDigits:
         if self.path.exists():
             log.warning("avdigits cache at %s is incomplete or corrupt; rebuilding", self.path)
             shutil.rmtree(self.path)
+        else:
+            older = sorted(p.name for p in self.path.parent.glob("v*-*")
+                           if (m := re.fullmatch(r"v(\d+)-\w+", p.name)) and int(m[1]) != AVDIGITS_VERSION)
+            if older:
+                log.warning("avdigits: building recipe v%d at %s; the caches of other recipe versions "
+                            "beside it (%s) are no longer read and may be deleted",
+                            AVDIGITS_VERSION, self.path, ", ".join(older))
         return build_avdigits(self.path, seed=self.seed, progress=progress, **self.recipe)
 
     def fingerprint(self) -> dict[str, str]:
@@ -72,18 +97,23 @@ class AVDigits:
         return self._content_problems(*self._read(mmap=True))
 
     def load(self) -> DataSplits:
+        """The splits, z-scored with the recorded training statistics (a hand-made cache without them is
+        served as stored)."""
         self.build()
         arrays, labels, split = self._read()
         raise_problems(self._content_problems(arrays, labels, split), "avdigits")
         image_id = load_npy(self.path / "image_id.npy", ndim=1)
+        recorded = json.loads((self.path / "manifest.json").read_text()).get("normalisation")
         parts = {}
         for name, code in SPLITS.items():
             idx = np.flatnonzero(split == code)
-            parts[name] = ArrayDataset(
-                {m: torch.from_numpy(np.ascontiguousarray(a[idx])) for m, a in arrays.items()},
-                torch.from_numpy(labels[idx]),
-                groups=torch.from_numpy(image_id[idx].astype(np.int64)),  # source image: cross-fitting folds
-            )
+            inputs = {m: torch.from_numpy(np.ascontiguousarray(a[idx])) for m, a in arrays.items()}
+            targets = torch.from_numpy(labels[idx])
+            groups = torch.from_numpy(image_id[idx].astype(np.int64))  # source image: cross-fitting folds
+            if recorded is None:
+                parts[name] = ArrayDataset(inputs, targets, groups=groups)
+            else:
+                parts[name] = NormalisedArrayDataset(inputs, targets, recorded_zscore(recorded), groups=groups)
         return DataSplits(
             **parts,
             num_classes=len(CLASS_NAMES),

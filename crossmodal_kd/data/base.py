@@ -91,14 +91,28 @@ class ArrayDataset(Dataset):
         return list(self.arrays)
 
 
+class ZScore:
+    """``(x - mean) / std`` per modality, the statistics in the stored (raw) units and shaped to broadcast over
+    one sample (``stats[modality] = (mean, std)``). ``export`` records them in a model's spec, so ``predict``
+    preprocesses a raw file as training did."""
+
+    def __init__(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.stats = stats
+
+    def __call__(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.stats[modality]
+        return (x.float() - mean) / std
+
+
 class NormalisedArrayDataset(ArrayDataset):
     """:class:`ArrayDataset` over compact arrays (uint8 images, float16 log-mels), normalised per batch by
     ``normalise(modality, tensor)`` (so the stored arrays stay small)."""
 
     def __init__(
-        self, arrays: dict[str, torch.Tensor], labels: torch.Tensor, normalise: Callable[[str, torch.Tensor], torch.Tensor]
+        self, arrays: dict[str, torch.Tensor], labels: torch.Tensor, normalise: Callable[[str, torch.Tensor], torch.Tensor],
+        groups: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(arrays, labels)
+        super().__init__(arrays, labels, groups=groups)
         self.normalise = normalise
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from crossmodal_kd.data.base import (
     DataError,
     DataSplits,
     NormalisedArrayDataset,
+    ZScore,
     carve_validation,
     decode_rgb,
     describe_rows,
@@ -187,21 +188,17 @@ def train_statistics(samples: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[s
     return {"image": mean_std(img, n_img), "audio": mean_std(aud, n_aud)}
 
 
-class Normaliser:
-    """``(x - mean) / std`` per modality; frame statistics repeat over the ``num_frames`` frames."""
+class Normaliser(ZScore):
+    """CREMA-D's z-score: per-channel frame statistics repeated over the ``num_frames`` frames, one audio value."""
 
     def __init__(self, stats: dict[str, dict[str, list[float]]], num_frames: int) -> None:
         def shaped(values: list[float], reps: int) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32).repeat(reps).view(-1, 1, 1)
 
-        self.stats = {
+        super().__init__({
             "image": (shaped(stats["image"]["mean"], num_frames), shaped(stats["image"]["std"], num_frames)),
             "audio": (shaped(stats["audio"]["mean"], 1), shaped(stats["audio"]["std"], 1)),
-        }
-
-    def __call__(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.stats[modality]
-        return (x.float() - mean) / std
+        })
 
 
 class LazyClips(Dataset):
