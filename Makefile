@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.install-stamp
-SEEDS   ?= 0 1
+SEEDS   ?= 0
 
 .PHONY: install demo test test-fast bench clean
 

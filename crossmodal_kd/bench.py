@@ -513,10 +513,9 @@ def routing_table(records: list[dict[str, Any]]) -> str:
             continue
         teachers = list(dict.fromkeys(t for r in rs for t in r["routing_shares"]))
         shares = ", ".join(f"{t} {statistics.fmean(r['routing_shares'].get(t, 0.0) for r in rs):.2f}" for t in teachers)
-        hits = [r["best_hit"] for r in rs if r.get("best_hit") is not None]
+        mean = lambda key: (f"{statistics.fmean(v):.2f}" if (v := [r[key] for r in rs if r.get(key) is not None]) else "-")
         where = variant if point is None else f"{variant} @ {point}"
-        lines.append(f"| {where} | {method} | {len(rs)} | {statistics.fmean(r['gate_entropy'] for r in rs):.2f} "
-                     f"| {statistics.fmean(hits) if hits else float('nan'):.2f} | {shares} |")
+        lines.append(f"| {where} | {method} | {len(rs)} | {mean('gate_entropy')} | {mean('best_hit')} | {shares} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

@@ -244,6 +244,8 @@ def test_routing_table_averages_the_last_epoch_shares_of_routed_rows():
     records = [{**_record("MST", s, 0.6, entropy=0.5 + 0.1 * s), "best_hit": 0.4 + 0.2 * s,
                 "routing_shares": {"mm": 0.6 + 0.2 * s, "cm": 0.4 - 0.2 * s}} for s in range(2)]
     records += [_record("KD", s, 0.6) for s in range(2)]
+    records += [{**_record("uniform", s, 0.6), "routing_shares": {"mm": 0.5, "cm": 0.5}} for s in range(2)]  # no gate
     lines = routing_table(records).splitlines()
-    assert lines[2] == "| image | MST | 2 | 0.55 | 0.50 | mm 0.70, cm 0.30 |" and len(lines) == 3
-    assert routing_table(records[2:]) == ""
+    assert lines[2] == "| image | MST | 2 | 0.55 | 0.50 | mm 0.70, cm 0.30 |" and len(lines) == 4
+    assert lines[3] == "| image | uniform | 2 | - | - | mm 0.50, cm 0.50 |"
+    assert routing_table(records[2:4]) == ""  # KD does not route

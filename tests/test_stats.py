@@ -42,5 +42,5 @@ def test_summary_compares_each_row_with_the_reference_by_seed():
     assert rows["KD"]["vs_reference_diff"] == pytest.approx(0.0333333, abs=1e-6)
     assert rows["KD"]["vs_reference_separated"] and not rows["other"]["vs_reference_separated"]
     table = markdown_table(list(rows.values()), reference="no KD")
-    assert "| image | KD | 3 | 64.33 ± 1.53 |" in table and "+3.33 [" in table and "* (n=3)" in table
+    assert "| image | KD | - | 3 | 64.33 ± 1.53 |" in table and "+3.33 [" in table and "* (n=3)" in table
     assert "n.s. (n=3)" in table
