@@ -272,7 +272,8 @@ def _record(bench: BenchConfig, cell: Cell, cfg: RunConfig, metrics: dict[str, A
         "student_epochs": student_epochs(cfg, row.stage), "optimizer": stage_cfg.optimizer.name,
         "selection": stage_cfg.select.metric, "tuned": tuned, "tune_configs": len(row.grid()),
         "gate_entropy": routing["entropy"][-1] / routing["max_entropy"] if routing.get("entropy") else None,
-        "routing_shares": {t: v[-1] for t, v in routing["shares"].items()} if routing.get("shares") else None,
+        # top-1 shares mean something only where a gate chooses (a uniform average has no argmax)
+        "routing_shares": {t: v[-1] for t, v in routing["shares"].items()} if routing.get("shares") and routing.get("entropy") else None,
         "best_hit": routing["best_hit"][-1] if routing.get("best_hit") else None,
         "test_accuracy": m["test"]["accuracy"], "test_macro_f1": m["test"]["macro_f1"],
         "val_accuracy": m["val"]["accuracy"], "train_time_s": train_time,
