@@ -146,7 +146,9 @@ def test_multiview_network_hands_its_views_to_the_router_and_loads_by_path(fake_
     net = build_network("multiview", params, shapes, 2).eval()
     assert net.router.views == VIEWS and isinstance(net.router.backend, FakeClip)
     out = net(HAND_BATCH)
-    torch.testing.assert_close(out["view_weights"], hand_weights(0.1, [0, 1]))
+    torch.testing.assert_close(out["view_weights"], hand_weights(0.1, [0, 0]))  # eval: the zero-shot guesses
+    with net.router.as_trained():
+        torch.testing.assert_close(net(HAND_BATCH)["view_weights"], hand_weights(0.1, [0, 1]))  # the labels
     assert not any("backend" in k or "prompt" in k for k in net.state_dict())  # the backend is rebuilt, not saved
     from crossmodal_kd.models.io import attach_spec
 
@@ -314,12 +316,15 @@ def test_tmkd_configs_fast_dev_run(tmp_path, tiny_bert):
     assert {"train/ce", "train/kd", "train/crd", "train/feat"} <= set(log_row(run, "tmkd"))
     teacher = load_model(run / "stages" / "teacher" / "models" / "model.pt")
     assert isinstance(teacher.router, TextGuidedRouter) and teacher.modalities == VIEWS
+    assert teacher.build_spec["params"]["encoder"] == {"name": "resnet18", "params": {"width": 16}}
 
     ablations = Runner(load_config(CONFIGS / "tmkd_ablations.yaml", [*ON_SYNTHETIC, *small]), run, resume=True,
                        fast_dev_run=True, progress=False).run()["stages"]
     assert ablations["teacher"] == main["stages"]["teacher"]  # reused, not retrained
-    assert list(ablations)[4:] == ["teacher_rgb", "teacher_rgb_edge", "teacher_rgb_hf", "teacher_uniform", "tmkd_rgb",
-                                   "tmkd_rgb_edge", "tmkd_rgb_hf", "tmkd_uniform", "tmkd_no_logit", "tmkd_no_crd", "tmkd_no_feat"]
+    assert list(ablations)[4:] == ["teacher_lenet", "teacher_zero_shot", "teacher_rgb", "teacher_rgb_edge", "teacher_rgb_hf",
+                                   "teacher_uniform", "tmkd_lenet", "tmkd_zero_shot", "tmkd_rgb", "tmkd_rgb_edge", "tmkd_rgb_hf",
+                                   "tmkd_uniform", "tmkd_no_logit", "tmkd_no_crd", "tmkd_no_feat"]
+    assert load_model(run / "stages" / "teacher_zero_shot" / "models" / "model.pt").router.class_source == "zero_shot"
     for stage, views in (("teacher_rgb", ("image",)), ("teacher_rgb_edge", VIEWS[:2]), ("teacher_rgb_hf", ("image", "image_hf"))):
         assert load_model(run / "stages" / stage / "models" / "model.pt").modalities == views
     assert log_row(run, "teacher_uniform")["view_weight/image_hf"] == pytest.approx(1 / 3)

@@ -6,7 +6,9 @@ Two stages:
     Cross-entropy training of a ``multiview`` network (one backbone shared by the views RGB, edge,
     high-frequency, derived by ``data.views``). With the ``text_guided`` router, a frozen CLIP backend
     weights the views per instance by how well each view matches its prior-aware prompt for the
-    sample's class (see :class:`~crossmodal_kd.clip.router.TextGuidedRouter`). The router's backend may
+    sample's class (see :class:`~crossmodal_kd.clip.router.TextGuidedRouter`): in training, the class its
+    ``class_source`` names; at validation and test, the backend's zero-shot guess (``eval_class_source``),
+    so checkpoint selection and the teacher's accuracies are label-free. The router's backend may
     name an earlier stage (``image_model: {stage: align}``) and its ``class_names`` default to the
     dataset's; both are resolved here, before the network is built, so the saved teacher (model
     ``model``) records file paths and names and loads by path like any other.
@@ -16,30 +18,36 @@ Two stages:
 
         L_all = w_ce * CE + w_kd * tau^2 KL(p_t^tau || p_s^tau)                  (logged as ``ce``, ``kd``)
                           + w_crd  * CE_c( cos(P_txt f_s, a_c) / crd_temperature )  (``crd``)
-                          + w_feat * MSE( P_feat f_s, F_t + sigma * N(0, I) )       (``feat``)
+                          + w_feat * MSE( P_feat f_s, F_t + s * N(0, I) )           (``feat``)
 
     ``f_s``: the student's features; ``a_c``: the backend's text embedding of the class prompt
     ("a photo of a {c}.", averaged over ``class_prompts``), the anchor of class ``c``; ``F_t``: the
-    teacher's fused features ``sum_v w_v f_v``, perturbed by Gaussian noise on the teacher side only.
-    ``P_txt`` and ``P_feat`` are linear projection heads trained with the student. A weight of 0 removes
-    its term and its head (and, for ``w_crd``, the backend). The paper's alpha, beta and gamma are
-    ``w_kd``, ``w_crd`` and ``w_feat`` here (the old keys fail naming the new ones).
+    teacher's fused features ``sum_v w_v f_v``, perturbed by Gaussian noise on the teacher side only, of std
+    ``s = sigma * RMS(F_t)`` (``sigma_scale: teacher_rms``, the root mean square of the batch's teacher
+    features: the perturbation is a fraction of the signal, whatever the backbone's feature scale) or
+    ``s = sigma`` (``absolute``). ``P_txt`` and ``P_feat`` are linear projection heads trained with the
+    student. A weight of 0 removes its term and its head (and, for ``w_crd``, the backend). The paper's
+    alpha, beta and gamma are ``w_kd``, ``w_crd`` and ``w_feat`` here (the old keys fail naming the new ones).
 
 Label use, stated plainly: with ``class_source: label`` (the paper's) the text-guided router reads each
-sample's label to fill the prompts, so the *teacher's* reported validation/test accuracy is not a
-label-free number (the weights see the label); the student never reads labels at evaluation.
+sample's label to fill the prompts while the teacher trains, and the ``tmkd`` stage's frozen teacher routes
+the same way (:meth:`~crossmodal_kd.clip.router.TextGuidedRouter.as_trained`), so the student distils the
+teacher as it was trained; its outputs feed only losses, which read the labels anyway. The teacher's own
+validation/test evaluation routes by the zero-shot guess (label-free), and the student never reads labels
+at evaluation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from crossmodal_kd.clip.backends import build_clip_backend
+from crossmodal_kd.clip.router import TextGuidedRouter
 from crossmodal_kd.config import ConfigError
 from crossmodal_kd.methods.context import BuildContext
 from crossmodal_kd.losses import perturbed_feature_mse, text_anchored_contrastive
@@ -50,6 +58,14 @@ from crossmodal_kd.registry import METHODS
 
 CLASS_PROMPTS = ("a photo of a {}.",)
 """The text anchors of the contrastive term: the class prompt of TMKD (Zhang et al., arXiv 2603.24208)."""
+
+
+def feature_noise_std(teacher_features: torch.Tensor, sigma: float, scale: Literal["teacher_rms", "absolute"]) -> float:
+    """The std of TMKD's teacher-side feature noise: ``sigma * RMS(teacher_features)`` (over the batch and the
+    feature dims) for ``teacher_rms``, ``sigma`` for ``absolute``."""
+    if scale == "absolute" or sigma == 0:
+        return sigma
+    return sigma * teacher_features.detach().float().pow(2).mean().sqrt().item()
 
 
 @METHODS.register("tmkd_teacher")
@@ -85,8 +101,12 @@ class TMKD(Distiller):
     ``{name, params}`` whose text tower embeds the class prompts (``image_model`` may be a ``{stage}``
     reference); needed only when ``w_crd > 0``. ``class_names``: override the dataset's.
 
-    Defaults (the paper's values are not public): every weight 1, ``tau`` 4, ``sigma`` 0.1 (absolute, in
-    the teacher's feature units), ``crd_temperature`` 0.07.
+    Defaults (the paper's values are not public): every weight 1, ``tau`` 4, ``sigma`` 0.1 (a tenth of the
+    teacher features' RMS; ``sigma_scale: absolute`` makes it a std in the teacher's feature units),
+    ``crd_temperature`` 0.07.
+
+    A ``text_guided`` teacher routes with its training ``class_source`` on every split here (see the module
+    docstring); the call's ``describe`` says so, so its stored targets are never shared with a plain call.
     """
 
     class Params(Distiller.Params):
@@ -97,13 +117,23 @@ class TMKD(Distiller):
         w_crd: NonNegativeFloat = 1.0
         w_feat: NonNegativeFloat = 1.0
         sigma: NonNegativeFloat = 0.1
+        sigma_scale: Literal["teacher_rms", "absolute"] = "teacher_rms"
         crd_temperature: PositiveFloat = 0.07
 
     def __init__(self, ctx: BuildContext, params: TMKD.Params) -> None:
         super().__init__(ctx, params)
         self.w_crd, self.w_feat = float(params.w_crd), float(params.w_feat)
-        self.sigma, self.crd_temperature = float(params.sigma), float(params.crd_temperature)
-        self.teacher_views = tuple(getattr(self.teacher.module, "modalities", ()))
+        self.sigma, self.sigma_scale = float(params.sigma), params.sigma_scale
+        self.crd_temperature = float(params.crd_temperature)
+        teacher = self.teacher.module
+        self.teacher_views = tuple(getattr(teacher, "modalities", ()))
+        router = getattr(teacher, "router", None)
+        if isinstance(router, TextGuidedRouter):
+            def as_trained(batch):
+                with router.as_trained():
+                    return teacher(batch)
+
+            self.teacher = self.teacher_call("teacher", as_trained, [teacher], {"router_class_source": router.class_source})
         if self.w_crd > 0:
             anchors = self._class_anchors(ctx, params.backend, list(params.class_prompts), params.class_names)
             self.register_buffer("anchors", anchors, persistent=False)  # (C, D), frozen text anchors
@@ -135,7 +165,8 @@ class TMKD(Distiller):
             embedded = self.crd_head(out["features"])
             losses["crd"] = self.w_crd * text_anchored_contrastive(embedded, self.anchors, labels, self.crd_temperature)
         if self.w_feat > 0:
-            losses["feat"] = self.w_feat * perturbed_feature_mse(self.feat_head(out["features"]), t_out["features"], self.sigma)
+            std = feature_noise_std(t_out["features"], self.sigma, self.sigma_scale)
+            losses["feat"] = self.w_feat * perturbed_feature_mse(self.feat_head(out["features"]), t_out["features"], std)
         if "view_weights" in t_out:
             weights = t_out["view_weights"].detach()
             for i, view in enumerate(self.teacher_views):

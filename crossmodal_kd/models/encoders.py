@@ -77,16 +77,26 @@ def small_cnn(input_shape: Sequence[int], channels: Sequence[PositiveInt] = (16,
 
 
 @ENCODERS.register("resnet18")
-def resnet18(input_shape: Sequence[int]) -> nn.Module:
-    """torchvision ResNet-18 adapted to small inputs (3x3 stem, stride 1, no max-pool); random init."""
+def resnet18(input_shape: Sequence[int], width: PositiveInt = 64) -> nn.Module:
+    """torchvision ResNet-18 adapted to small inputs (3x3 stem, stride 1, no max-pool); random init.
+
+    ``width``: the first stage's channels (the four stages have 1, 2, 4, 8 x ``width``; ``out_dim`` = 8 x
+    ``width``). 64 is ResNet-18; narrower ones are for CPUs (a 28x28 input keeps 28x28 maps in stage 1).
+    """
     c = _channels(input_shape, "resnet18")
-    net = torchvision.models.resnet.ResNet(
-        torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=1
-    )
-    net.conv1 = nn.Conv2d(c, 64, 3, stride=1, padding=1, bias=False)
+    block = torchvision.models.resnet.BasicBlock
+    net = torchvision.models.resnet.ResNet(block, [2, 2, 2, 2], num_classes=1)
+    if width != 64:  # torchvision fixes 64: rebuild the stem's norm and the stages narrower, initialised as it does
+        net.inplanes, net.bn1 = width, nn.BatchNorm2d(width)
+        for i in range(4):
+            setattr(net, f"layer{i + 1}", net._make_layer(block, width * 2**i, 2, stride=1 if i == 0 else 2))
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    net.conv1 = nn.Conv2d(c, width, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     net.fc = nn.Identity()
-    net.out_dim = 512
+    net.out_dim = 8 * width
     return net
 
 
