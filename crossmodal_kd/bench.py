@@ -60,7 +60,9 @@ from typing import Any, Iterator
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from crossmodal_kd.config import ConfigError, RunConfig, Strict, apply_override, load_config, load_raw, validate_config
+from crossmodal_kd.config import (
+    ConfigError, RunConfig, Strict, apply_override, folder_name, load_config, load_raw, validate_config,
+)
 from crossmodal_kd.engine.fingerprint import upstream
 from crossmodal_kd.engine.html_report import write_report
 from crossmodal_kd.engine.trainer import Runner
@@ -114,9 +116,7 @@ class Sweep(Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_" for c in v):
-            raise ValueError(f"sweep name '{v}' must be non-empty and use only letters, digits, '-' and '_'")
-        return v
+        return folder_name(v, "sweep name")
 
 
 class Tuning(Strict):
@@ -367,8 +367,8 @@ def _tuning_config(exp: Experiment, overrides: list[str], rows: list[Row]) -> Ru
         for i, config in enumerate(row.grid()):
             stage = copy.deepcopy(original)
             stage["name"] = TUNED_COPY.format(stage=row.stage, index=i)
-            for item in _stage_overrides("x", config):
-                apply_override(stage, item.split(".", 2)[2])  # "stages.x.<key>=<value>" -> "<key>=<value>"
+            for key, value in config.items():
+                apply_override(stage, f"{key}={json.dumps(value)}")
             stages.append(stage)
     raw["stages"] = stages
     return validate_config(raw, source=f"{exp.config} (tuning)")

@@ -79,6 +79,13 @@ class TargetsConfig(Strict):
     )
 
 
+def folder_name(value: str, what: str) -> str:
+    """``value`` when it is usable as a folder name (letters, digits, '-', '_'); else ValueError naming ``what``."""
+    if not value or not all(c.isalnum() or c in "-_" for c in value):
+        raise ValueError(f"{what} '{value}' must be non-empty and use only letters, digits, '-' and '_'")
+    return value
+
+
 class StageConfig(Strict):
     name: str
     method: Component
@@ -96,9 +103,7 @@ class StageConfig(Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_" for c in v):
-            raise ValueError(f"stage name '{v}' must be non-empty and use only letters, digits, '-' and '_'")
-        return v
+        return folder_name(v, "stage name")
 
 
 class RunConfig(Strict):
