@@ -65,6 +65,7 @@ from crossmodal_kd.config import (
 )
 from crossmodal_kd.engine.fingerprint import upstream
 from crossmodal_kd.engine.html_report import write_report
+from crossmodal_kd.engine.results_archive import ResultsArchive
 from crossmodal_kd.engine.trainer import Runner
 from crossmodal_kd.io import atomic_write_text
 from crossmodal_kd.stats import estimate, paired
@@ -127,6 +128,9 @@ class Tuning(Strict):
 class BenchConfig(Strict):
     output_dir: str = "runs/bench"
     stage_cache: str | None = Field(None, description="directory of finished stages shared by benchmarks (engine/stage_cache.py)")
+    archive: str | None = Field(
+        None, description="committed directory of finished runs' metrics, reused while their fingerprints match (engine/results_archive.py)"
+    )
     reference: list[str] = Field(
         default_factory=list, description="row label(s) of the no-KD student, one per student budget; every row is compared with the one of its budget"
     )
@@ -239,12 +243,10 @@ def run_bench(
         cfg = load_config(cell.exp.config, overrides)
         if progress:
             print(f"[{i}/{len(runs)}] {cell.exp.config} variant={cell.variant} {_where(bench, cell)} -> {run_dir}", flush=True)
-        if report_only:
-            metrics = _finished_metrics(run_dir, [row.stage for row in cell.exp.rows])
-            if metrics is None:
-                continue
-        else:
-            metrics = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress, stage_cache=bench.stage_cache).run()
+        metrics = _finished_run(bench, cfg, run_dir, [row.stage for row in cell.exp.rows],
+                                fast_dev_run=fast_dev_run, progress=progress, report_only=report_only)
+        if metrics is None:
+            continue
         for row, tuned_config in zip(cell.exp.rows, tuned):
             records.append(_record(bench, cell, cfg, metrics, row, tuned_config))
     return records
@@ -269,6 +271,7 @@ def _record(bench: BenchConfig, cell: Cell, cfg: RunConfig, metrics: dict[str, A
     stage_cfg = cfg.stage(row.stage)
     return {
         "method": row.label, "variant": cell.variant, "point": cell.point, "draw": cell.draw, "seed": cell.seed,
+        "run": cell.run_dir(bench, Path()).as_posix(),
         "student_epochs": student_epochs(cfg, row.stage), "optimizer": stage_cfg.optimizer.name,
         "selection": stage_cfg.select.metric, "tuned": tuned, "tune_configs": len(row.grid()),
         "gate_entropy": routing["entropy"][-1] / routing["max_entropy"] if routing.get("entropy") else None,
@@ -291,6 +294,33 @@ def student_epochs(cfg: RunConfig, stage: str) -> int:
 
 def _stage_overrides(stage: str, config: dict[str, Any]) -> list[str]:
     return [f"stages.{stage}.{key}={json.dumps(value)}" for key, value in config.items()]
+
+
+def _finished_run(bench: BenchConfig, cfg: RunConfig, run_dir: Path, stages: list[str], *, fast_dev_run: bool,
+                  progress: bool, report_only: bool) -> dict[str, Any] | None:
+    """The metrics of the run in ``run_dir``: read from the results archive when it holds the run with the same
+    fingerprints, else trained (or resumed) and archived; with ``report_only``, only what has finished (in
+    ``run_dir``, then archived too, else in the archive with the same resolved config), None otherwise.
+    Fast-dev-runs bypass the archive."""
+    archive = ResultsArchive(bench.archive) if bench.archive and not fast_dev_run else None
+    name = run_dir.relative_to(bench.output_dir).as_posix()
+    config = cfg.model_dump(mode="json")
+    if report_only:
+        if (metrics := _finished_metrics(run_dir, stages)) is not None:
+            if archive is not None:
+                archive.store(name, run_dir, config)
+            return metrics
+        metrics = archive.fetch_by_config(name, config) if archive is not None else None
+        return metrics if metrics is not None and all(s in metrics["stages"] for s in stages) else None
+    runner = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress, stage_cache=bench.stage_cache)
+    if archive is not None and (metrics := archive.fetch(name, runner.stage_identities())) is not None:
+        if progress:
+            print(f"  (archived: {archive.path(name)})", flush=True)
+        return metrics
+    metrics = runner.run()
+    if archive is not None:
+        archive.store(name, run_dir, config)
+    return metrics
 
 
 def _finished_metrics(run_dir: Path, stages: list[str]) -> dict[str, Any] | None:
@@ -324,14 +354,12 @@ def tune(bench: BenchConfig, runs: list[Cell], *, fast_dev_run: bool, progress: 
             cell = Cell(exp, variant, point, first_draw, seed)
             run_dir = cell.run_dir(bench, Path(bench.output_dir) / "tuning")
             cfg = _tuning_config(cell.exp, cell.overrides(bench), rows)
-            if report_only:
-                metrics = _finished_metrics(run_dir, [s.name for s in cfg.stages])
-                if metrics is None:
-                    continue
-            else:
-                if progress:
-                    print(f"[tuning] {exp.config} variant={variant} {_where(bench, cell)} -> {run_dir}", flush=True)
-                metrics = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress, stage_cache=bench.stage_cache).run()
+            if progress and not report_only:
+                print(f"[tuning] {exp.config} variant={variant} {_where(bench, cell)} -> {run_dir}", flush=True)
+            metrics = _finished_run(bench, cfg, run_dir, [s.name for s in cfg.stages],
+                                    fast_dev_run=fast_dev_run, progress=progress, report_only=report_only)
+            if metrics is None:
+                continue
             for row in rows:
                 for i in range(len(row.grid())):
                     stage = metrics["stages"][TUNED_COPY.format(stage=row.stage, index=i)]
@@ -552,6 +580,9 @@ def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
         _dose_response_plot(summary, sweep, out / "dose_response.png")
     if (out / "tuning.md").is_file():
         table += "\n\n" + (out / "tuning.md").read_text().strip()
+    if bench.archive and (versions := ResultsArchive(bench.archive).provenance(sorted({r["run"] for r in records}))):
+        table += (f"\n\nArchived runs ({bench.archive}) by the code that trained them: "
+                  + ", ".join(f"{v} ({n} runs)" for v, n in sorted(versions.items())))
     atomic_write_text(out / "results.md", table + "\n")
     atomic_write_text(out / "records.json", json.dumps(records, indent=1) + "\n")
     with open(out / "results.csv", "w", newline="") as f:

@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output-dir")
     b.add_argument("--fast-dev-run", action="store_true")
     b.add_argument("--report-only", action="store_true", help="train nothing; tabulate the finished runs")
+    b.add_argument("--no-archive", action="store_true", help="neither read nor write the file's results archive (archive:)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars (training, and model loading by transformers / huggingface_hub)")
     b.set_defaults(func=cmd_bench)
 
@@ -178,6 +179,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.variants = {v: o for v, o in bench.variants.items() if v in args.variants}
     if args.output_dir:
         bench.output_dir = args.output_dir
+    if args.no_archive:
+        bench.archive = None
     records = run_bench(bench, fast_dev_run=args.fast_dev_run, progress=not args.no_progress, report_only=args.report_only)
     if not records:
         print(f"no finished runs under {bench.output_dir}")

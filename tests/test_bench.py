@@ -249,3 +249,46 @@ def test_routing_table_averages_the_last_epoch_shares_of_routed_rows():
     assert lines[2] == "| image | MST | 2 | 0.55 | 0.50 | mm 0.70, cm 0.30 |" and len(lines) == 4
     assert lines[3] == "| image | uniform | 2 | - | - | mm 0.50, cm 0.50 |"
     assert routing_table(records[2:4]) == ""  # KD does not route
+
+
+def test_results_archive_replaces_finished_runs_and_notices_a_changed_stage(tmp_path, monkeypatch):
+    import json
+
+    from crossmodal_kd.engine import trainer
+
+    archive = tmp_path / "results"
+    bench = load_bench(bench_file(tmp_path, archive=str(archive), seeds=[0]))
+    bench.variants = {"image": []}
+    bench.archive = None
+    records = run_bench(bench, progress=False)
+    bench.archive = str(archive)
+    assert run_bench(bench, progress=False, report_only=True) == records  # a finished run directory is archived
+    entry = json.loads((archive / "synthetic_kd/image/seed0.json").read_text())
+    assert set(entry["fingerprints"]) == {"teacher_mm", "student_only", "kd_mm"} and entry["code"]
+    assert entry["metrics"]["stages"]["kd_mm"]["models"]["student"]["test"]["accuracy"] == records[1]["test_accuracy"]
+
+    # a clean clone: no run directories, only the archive -> nothing trains, same numbers, provenance listed
+    import shutil
+    shutil.rmtree(tmp_path / "bench")
+    trained = []
+    real_run = trainer.Runner.run
+    monkeypatch.setattr(trainer.Runner, "run", lambda self: trained.append(self.run_dir) or real_run(self))
+    again = run_bench(bench, progress=False)
+    assert trained == [] and [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in records]
+    assert "Archived runs" in write_reports(bench, again)
+    assert [r["test_accuracy"] for r in run_bench(bench, progress=False, report_only=True)] == [r["test_accuracy"] for r in records]
+
+    # one stage's config changes: the entry is stale, the run trains again and the entry is replaced
+    bench.experiments[0].overrides = ["stages.kd_mm.epochs=2"]
+    assert run_bench(bench, progress=False, report_only=True) == []  # report-only never reads a stale entry
+    run_bench(bench, progress=False)
+    assert len(trained) == 1
+    changed = json.loads((archive / "synthetic_kd/image/seed0.json").read_text())
+    assert changed["fingerprints"]["kd_mm"] != entry["fingerprints"]["kd_mm"]
+    assert changed["fingerprints"]["teacher_mm"] == entry["fingerprints"]["teacher_mm"]
+
+    # fast-dev-runs neither read nor write it
+    shutil.rmtree(archive)
+    bench.output_dir = str(tmp_path / "fast")
+    run_bench(bench, progress=False, fast_dev_run=True)
+    assert not archive.exists()

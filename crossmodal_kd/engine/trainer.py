@@ -353,6 +353,12 @@ class Runner:
             log.warning("stage(s) %s in %s have no fingerprint.json (trained before fingerprints were recorded); "
                         "assumed to match this config", ", ".join(legacy), self.run_dir)
 
+    def stage_identities(self) -> dict[str, dict[str, Any]]:
+        """Every stage's fingerprint, loading the data first if needed (the dataset's identity is part of it)."""
+        if self.data is None:
+            self.data = self._load_data()
+        return self.fingerprints
+
     @cached_property
     def fingerprints(self) -> dict[str, dict[str, Any]]:
         """Every stage's fingerprint (needs the data loaded: it includes the dataset's identity)."""

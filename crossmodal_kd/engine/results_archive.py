@@ -1,0 +1,121 @@
+"""A committed record of finished benchmark runs (a benchmark's ``archive:``), so that a table can be built
+over several sessions or machines and re-tabulated from a clean clone.
+
+One small JSON file per run, at the run's path under the benchmark's ``output_dir`` (``<archive>/<experiment>/
+<variant>/.../seed<k>.json``): the run's ``metrics.json``, a hash of every stage's fingerprint (config, networks,
+data recipe and the built dataset's checksum, seed, precision, world size, and the stages it depends on;
+:mod:`crossmodal_kd.engine.fingerprint`), a hash of the resolved config, and the code that produced it (the
+package's source hash and, where the package sits in a git checkout, the commit). No weights or checkpoints.
+
+Unlike the stage cache, an entry is *not* keyed by the source code: an archived run is reused while every
+stage's fingerprint is unchanged, so a table may pool runs made by different commits; every table built
+from the archive lists the commits it pools (:func:`provenance`). A run whose fingerprints changed is trained
+again and its entry replaced. ``--report-only`` checks the resolved config instead (it loads no data).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from crossmodal_kd.engine.stage_cache import code_hash
+from crossmodal_kd.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def digest(node: Any) -> str:
+    """sha256 (first 16 hex digits) of a JSON-serialisable value, key order ignored."""
+    return hashlib.sha256(json.dumps(node, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def code_version() -> dict[str, str]:
+    """The package's source hash and, when it is a git checkout, its commit (``+dirty`` with local edits)."""
+    out = {"code": code_hash()[:12]}
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "crossmodal_kd"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        out["commit"] = commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+class ResultsArchive:
+    """``root/<run path>.json`` per finished run."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, run: str) -> Path:
+        return self.root / f"{run}.json"
+
+    def store(self, run: str, run_dir: Path, config: dict[str, Any]) -> None:
+        """Record the finished run in ``run_dir`` under ``run`` (its path relative to the benchmark's output_dir):
+        its ``metrics.json`` and the ``fingerprint.json`` its stages were trained under."""
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        entry = {
+            **code_version(),
+            "config": digest(config),
+            "fingerprints": {
+                stage: digest(json.loads((run_dir / "stages" / stage / "fingerprint.json").read_text())) for stage in metrics["stages"]
+            },
+            "metrics": metrics,
+        }
+        path = self.path(run)
+        if (old := self._read(path)) is not None and {k: v for k, v in old.items() if k not in ("code", "commit")} == {
+            k: v for k, v in entry.items() if k not in ("code", "commit")
+        }:
+            return  # the same run, re-stored by later code: keep the code that trained it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(entry, sort_keys=True, indent=1) + "\n")
+
+    def fetch(self, run: str, fingerprints: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        """The archived metrics of ``run`` when every stage's fingerprint matches; None otherwise (a stale
+        entry is named in the log and will be replaced when the run finishes)."""
+        entry = self._read(self.path(run))
+        if entry is None:
+            return None
+        wanted = {stage: digest(fp) for stage, fp in fingerprints.items()}
+        if entry.get("fingerprints") != wanted:
+            changed = sorted(s for s in wanted.keys() | entry.get("fingerprints", {}).keys()
+                             if wanted.get(s) != entry.get("fingerprints", {}).get(s))
+            log.warning("results archive: %s is stale (stages %s changed); training the run again", self.path(run), ", ".join(changed))
+            return None
+        return entry["metrics"]
+
+    def fetch_by_config(self, run: str, config: dict[str, Any]) -> dict[str, Any] | None:
+        """The archived metrics of ``run`` when its resolved config matches (``--report-only``: no data loaded,
+        so the dataset's checksum is not compared)."""
+        entry = self._read(self.path(run))
+        return entry["metrics"] if entry is not None and entry.get("config") == digest(config) else None
+
+    def provenance(self, runs: list[str]) -> dict[str, int]:
+        """``{commit or code hash: number of runs}`` over the archived ``runs``."""
+        counts: dict[str, int] = {}
+        for run in runs:
+            entry = self._read(self.path(run))
+            if entry is not None:
+                version = entry.get("commit") or f"code {entry.get('code')}"
+                counts[version] = counts.get(version, 0) + 1
+        return counts
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        if not path.is_file():
+            return None
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("results archive: unreadable %s (%s); ignored", path, exc)
+            return None
+        return entry if isinstance(entry, dict) and "metrics" in entry else None
