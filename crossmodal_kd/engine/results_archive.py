@@ -63,8 +63,10 @@ class ResultsArchive:
         """Record the finished run in ``run_dir`` under ``run`` (its path relative to the benchmark's output_dir):
         its ``metrics.json`` and the ``fingerprint.json`` its stages were trained under."""
         metrics = json.loads((run_dir / "metrics.json").read_text())
+        environment = run_dir / "environment.json"  # the code that trained it (runs older than this field: the current)
+        trained_by = json.loads(environment.read_text()).get("code") if environment.is_file() else None
         entry = {
-            **code_version(),
+            **(trained_by or code_version()),
             "config": digest(config),
             "fingerprints": {
                 stage: digest(json.loads((run_dir / "stages" / stage / "fingerprint.json").read_text())) for stage in metrics["stages"]

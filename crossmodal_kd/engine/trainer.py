@@ -50,6 +50,7 @@ from crossmodal_kd.engine.metrics import classification_metrics
 from crossmodal_kd.engine.preflight import check_trackers, preflight
 from crossmodal_kd.engine.crossfit import fill_out_of_fold
 from crossmodal_kd.engine.seeding import stage_seed
+from crossmodal_kd.engine.results_archive import code_version
 from crossmodal_kd.engine.stage_cache import StageCache
 from crossmodal_kd.engine.targets import attach_targets, live_batches
 from crossmodal_kd.engine.report import plot_curves, read_jsonl, results_table, write_jsonl
@@ -385,6 +386,7 @@ class Runner:
             "effective_batch_size": self.cfg.data.batch_size * self.cfg.accelerator.gradient_accumulation_steps,
             "fast_dev_run": self.fast_dev_run,
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "accelerate": accelerate.__version__},
+            "code": code_version(),
         }
 
     def _load_data(self) -> DataSplits:
