@@ -473,7 +473,7 @@ def comparisons_table(records: list[dict[str, Any]], comparisons: list[Compariso
             where = v if point is None else f"{v} @ {point}"
             lines.append(f"| {where} | {c.a} - {c.b} | {d['n']} | {100 * d['diff']:+.2f} [{100 * d['ci_low']:+.2f}, "
                          f"{100 * d['ci_high']:+.2f}] | {d['p']:.3f} | {verdict} |")
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else "(none yet: a paired comparison needs at least two (draw, seed) pairs)"
 
 
 def markdown_table(summary: list[dict[str, Any]], reference: list[str] | str | None = None, sweep: str | None = None) -> str:

@@ -95,6 +95,7 @@ def test_paired_comparisons_and_gate_entropy_column():
     assert "| 5 | +2.02 [" in a_b and a_b.endswith("outside the noise |")
     c_b = next(line for line in table.splitlines() if "C - B" in line)
     assert c_b.endswith("no measurable difference |")
+    assert "at least two" in comparisons_table(records[:1] + records[5:6], [Comparison(a="A", b="B")])  # one seed: said, not an empty table
     rows = markdown_table(summarize(records)).splitlines()
     assert "gate entropy (x ln E, last epoch)" in rows[0]
     assert "| 0.80 |" in next(r for r in rows if "| A |" in r) and "| - |" in next(r for r in rows if "| B |" in r)

@@ -94,3 +94,28 @@ def test_fp16_on_cpu_is_refused_with_a_clear_error():
     cfg = load_config(TEST_CONFIGS / "synthetic_kd.yaml", ["accelerator.mixed_precision=fp16", "accelerator.cpu=true"])
     with pytest.raises(ConfigError, match=r"mixed_precision=fp16 needs a GPU.*bf16"):
         make_accelerator(cfg)
+
+
+def test_channels_last_trains_the_same_model_in_nhwc(tmp_path, monkeypatch):
+    """accelerator.channels_last: every 4-D weight of the trained (and frozen, masked) networks is NHWC during
+    training, and MST-Distill's three stages reach the same losses as the default layout (float rounding aside)."""
+    layouts = []
+    build = StageTrainer._build
+
+    def _build(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        modules = [self.core, *self.core.frozen_modules().values()]
+        weights = [p for m in modules for p in m.parameters() if p.dim() == 4]
+        layouts.append((all(p.is_contiguous() for p in weights), all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)))
+
+    monkeypatch.setattr(StageTrainer, "_build", _build)
+    losses = {}
+    for layout in ("false", "true"):
+        cfg = load_config(TEST_CONFIGS / "synthetic_mst.yaml", [f"accelerator.channels_last={layout}", "accelerator.cpu=true"])
+        Runner(cfg, tmp_path / layout, progress=False).run()
+        losses[layout] = [r["train/loss"] for r in read_jsonl(tmp_path / layout / "log.jsonl") if "train/loss" in r]
+    half = len(layouts) // 2
+    assert all(cl for _, cl in layouts[half:]) and all(contiguous for contiguous, _ in layouts[:half])
+    assert not any(contiguous for contiguous, _ in layouts[half:])  # 3x3 convs over several channels: a real change
+    assert len(losses["true"]) == len(losses["false"]) > 4
+    torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=1e-3, atol=1e-4)

@@ -42,6 +42,10 @@ def test_rows_and_errors(throughput):
     assert [r["stage"] for r in rows] == ["plain", "routed (live teachers)", "routed (target store)"]
     assert rows[1]["live_teacher_passes"] > 0 and rows[2]["live_teacher_passes"] == 0  # served: no teacher forward
     assert rows[1]["info"]["mixed_precision"] == "bf16" and rows[1]["info"]["batch_size"] == 8
+    both = throughput.run([str(TEST_CONFIGS / "synthetic_mst.yaml"), "--device", "cpu", "--steps", "1", "--warmup", "0",
+                           "--stages", "routed", "--batch-size", "8", "--mixed-precision", "bf16", "--targets", "store", "--layouts", "both"])
+    assert [r["stage"] for r in both] == ["plain [NCHW]", "routed (target store) [NCHW]", "plain [NHWC]", "routed (target store) [NHWC]"]
+    assert both[0]["time_ratio"] == 1.0 and all(r["ms_per_step"] > 0 for r in both)
     with pytest.raises(ConfigError, match="no stage named 'nope'"):
         throughput.run([str(TEST_CONFIGS / "synthetic_mst.yaml"), "--device", "cpu", "--stages", "nope"])
     with pytest.raises(ConfigError, match="--shapes"):

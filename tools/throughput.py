@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", help="input shapes, e.g. image=1x28x28,audio=1x40x51 (default: the dataset's)")
     p.add_argument("--num-classes", type=int, help="default: the dataset's")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--layouts", choices=("config", "both"), default="config",
+                   help="both: time everything with NCHW and with NHWC (channels_last) weights, in this one run")
     p.add_argument("--targets", choices=("store", "live", "both"), default="both",
                    help="frozen teachers served by the target store, run live, or both (two rows)")
     args = p.parse_args(argv)
@@ -257,20 +259,28 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
         plain = plain_stage(cfg, args.student, reference)
         measure(acc, context(-1, "plain step (--student)"), -1, plain, batch, 1, 1)  # lazy library set-up, not charged to a stage
-        rows = [measure(acc, context(-1, "plain step (--student)"), -1, plain, batch, args.warmup, args.steps)]
-        for index, stage in enumerate(cfg.stages[: last + 1]):
-            if stage.name in names:
-                if args.targets in ("live", "both"):
-                    rows.append(measure(acc, context(index), index, stage, batch, args.warmup, args.steps, save_dir=Path(tmp)))
-                if args.targets in ("store", "both"):
-                    row = measure(acc, context(index), index, stage, batch, args.warmup, args.steps,
-                                  save_dir=Path(tmp), store=True)
-                    rows += [row] if row else []
-            else:  # only its fresh models are needed, as teachers of later stages
-                method, _, _ = build_training(context(index), index, stage, total_steps=1)
-                for name, module in method.models().items():
-                    save_model(module, model_path(Path(tmp), stage.name, name))
-                del method
+        rows = []
+        for channels_last in ([False, True] if args.layouts == "both" else [cfg.accelerator.channels_last]):
+            cfg.accelerator.channels_last = channels_last  # read by build_training
+            layout: list[dict[str, Any]] = []
+            layout.append(measure(acc, context(-1, "plain step (--student)"), -1, plain, batch, args.warmup, args.steps))
+            for index, stage in enumerate(cfg.stages[: last + 1]):
+                if stage.name in names:
+                    if args.targets in ("live", "both"):
+                        layout.append(measure(acc, context(index), index, stage, batch, args.warmup, args.steps, save_dir=Path(tmp)))
+                    if args.targets in ("store", "both"):
+                        row = measure(acc, context(index), index, stage, batch, args.warmup, args.steps,
+                                      save_dir=Path(tmp), store=True)
+                        layout += [row] if row else []
+                else:  # only its fresh models are needed, as teachers of later stages
+                    method, _, _ = build_training(context(index), index, stage, total_steps=1)
+                    for name, module in method.models().items():
+                        save_model(module, model_path(Path(tmp), stage.name, name))
+                    del method
+            if args.layouts == "both":
+                for row in layout:
+                    row["stage"] += " [NHWC]" if channels_last else " [NCHW]"
+            rows += layout
     base = rows[0]
     for row in rows:
         row["time_ratio"] = row["ms_per_step"] / base["ms_per_step"]

@@ -105,6 +105,10 @@ def make_accelerator(cfg: RunConfig, run_dir: Path | None = None) -> Accelerator
 def build_training(ctx: BuildContext, index: int, stage: StageConfig, total_steps: int) -> tuple[Any, Any, Any]:
     """A stage's method, optimizer and scheduler, built from its config (not yet prepared)."""
     method = METHODS.build(stage.method.name, stage.method.params, where=ctx.where, ctx=ctx)
+    if ctx.config.accelerator.channels_last:
+        method.to(memory_format=torch.channels_last)
+        for module in method.frozen_modules().values():
+            module.to(memory_format=torch.channels_last)
     params = [p for p in method.parameters() if p.requires_grad]
     if not params:
         raise TrainingError(f"stage '{stage.name}': method '{stage.method.name}' has no trainable parameters")
