@@ -63,6 +63,10 @@ class ResultsArchive:
         """Record the finished run in ``run_dir`` under ``run`` (its path relative to the benchmark's output_dir):
         its ``metrics.json`` and the ``fingerprint.json`` its stages were trained under."""
         metrics = json.loads((run_dir / "metrics.json").read_text())
+        missing = [s for s in metrics["stages"] if not (run_dir / "stages" / s / "fingerprint.json").is_file()]
+        if missing:
+            log.warning("results archive: %s not archived: stages %s have no fingerprint.json", run_dir, ", ".join(missing))
+            return
         environment = run_dir / "environment.json"  # the code that trained it (runs older than this field: the current)
         trained_by = json.loads(environment.read_text()).get("code") if environment.is_file() else None
         entry = {
