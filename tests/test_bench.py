@@ -293,3 +293,21 @@ def test_results_archive_replaces_finished_runs_and_notices_a_changed_stage(tmp_
     bench.output_dir = str(tmp_path / "fast")
     run_bench(bench, progress=False, fast_dev_run=True)
     assert not archive.exists()
+
+
+def test_results_archive_skips_a_run_without_stage_fingerprints(tmp_path, caplog):
+    import json
+
+    from crossmodal_kd.engine.results_archive import ResultsArchive
+
+    run = tmp_path / "run"
+    (run / "stages/a").mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"stages": {"a": {}}}))
+    archive = ResultsArchive(tmp_path / "results")
+    archive.store("exp/seed0", run, {"seed": 0})
+    assert not archive.path("exp/seed0").exists() and "no fingerprint.json" in caplog.text
+    (run / "stages/a/fingerprint.json").write_text(json.dumps({"seed": 0}))
+    archive.store("exp/seed0", run, {"seed": 0})
+    assert archive.fetch("exp/seed0", {"a": {"seed": 0}}) == {"stages": {"a": {}}}
+    assert archive.fetch("exp/seed0", {"a": {"seed": 1}}) is None and "stale" in caplog.text
+    assert archive.fetch_by_config("exp/seed0", {"seed": 0}) is not None and archive.fetch_by_config("exp/seed0", {"seed": 1}) is None
