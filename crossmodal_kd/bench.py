@@ -273,7 +273,7 @@ def _record(bench: BenchConfig, cell: Cell, cfg: RunConfig, metrics: dict[str, A
         "method": row.label, "variant": cell.variant, "point": cell.point, "draw": cell.draw, "seed": cell.seed,
         "run": cell.run_dir(bench, Path()).as_posix(),
         "student_epochs": student_epochs(cfg, row.stage), "optimizer": stage_cfg.optimizer.name,
-        "selection": stage_cfg.select.metric, "tuned": tuned, "tune_configs": len(row.grid()),
+        "selection": stage_cfg.select.metric, "tuned": tuned, "tune_configs": len(row.grid()) if row.tune else 0,
         "gate_entropy": routing["entropy"][-1] / routing["max_entropy"] if routing.get("entropy") else None,
         # top-1 shares mean something only where a gate chooses (a uniform average has no argmax)
         "routing_shares": {t: v[-1] for t, v in routing["shares"].items()} if routing.get("shares") and routing.get("entropy") else None,

@@ -231,6 +231,9 @@ def test_tuning_trains_stage_copies_on_validation_and_runs_the_benchmark_with_th
     assert seen["synthetic_kd/image/seed0"].stage("kd_mm").method.params["tau"] == 2.0  # best on validation
     kd = next(r for r in records if r["method"] == "KD")
     assert kd["tuned"] == {"method.params.tau": 2.0} and kd["tune_configs"] == 3
+    assert next(r for r in records if r["method"] == "student only")["tune_configs"] == 0  # no grid: not tuned
+    from crossmodal_kd.bench import protocol_notes
+    assert any("not tuned: student only" in n for n in protocol_notes(summarize(records), []))
     text = (tmp_path / "bench/tuning.md").read_text()
     assert "| image | KD | tau=2.0 | 80.00 | chosen |" in text and "| image | KD | tau=8.0 | 60.00 |  |" in text
     spec["experiments"][0]["rows"][1]["tune"] = {"method.params.tau": [1.0, 2.0], "method.params.w_kd": [0.5, 1.0]}
