@@ -63,8 +63,8 @@ class ResultsArchive:
         """Record the finished run in ``run_dir`` under ``run`` (its path relative to the benchmark's output_dir):
         its ``metrics.json`` and the ``fingerprint.json`` its stages were trained under."""
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        missing = [s for s in metrics["stages"] if not (run_dir / "stages" / s / "fingerprint.json").is_file()]
-        if missing:
+        files = {stage: run_dir / "stages" / stage / "fingerprint.json" for stage in metrics["stages"]}
+        if missing := [stage for stage, f in files.items() if not f.is_file()]:
             log.warning("results archive: %s not archived: stages %s have no fingerprint.json", run_dir, ", ".join(missing))
             return
         environment = run_dir / "environment.json"  # the code that trained it (runs older than this field: the current)
@@ -72,9 +72,7 @@ class ResultsArchive:
         entry = {
             **(trained_by or code_version()),
             "config": digest(config),
-            "fingerprints": {
-                stage: digest(json.loads((run_dir / "stages" / stage / "fingerprint.json").read_text())) for stage in metrics["stages"]
-            },
+            "fingerprints": {stage: digest(json.loads(f.read_text())) for stage, f in files.items()},
             "metrics": metrics,
         }
         path = self.path(run)
