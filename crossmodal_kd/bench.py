@@ -580,9 +580,13 @@ def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
         _dose_response_plot(summary, sweep, out / "dose_response.png")
     if (out / "tuning.md").is_file():
         table += "\n\n" + (out / "tuning.md").read_text().strip()
-    if bench.archive and (versions := ResultsArchive(bench.archive).provenance(sorted({r["run"] for r in records}))):
+    archive, archived = (ResultsArchive(bench.archive), sorted({r["run"] for r in records})) if bench.archive else (None, [])
+    if archive is not None and (versions := archive.provenance(archived)):
         table += (f"\n\nArchived runs ({bench.archive}) by the code that trained them: "
                   + ", ".join(f"{v} ({n} runs)" for v, n in sorted(versions.items())))
+        if builds := archive.data_builds(archived):
+            table += ("; by the dataset build they read (byte checksum; one recipe, float rounding differs by CPU): "
+                      + ", ".join(f"{c} ({n} runs)" for c, n in sorted(builds.items())))
     atomic_write_text(out / "results.md", table + "\n")
     atomic_write_text(out / "records.json", json.dumps(records, indent=1) + "\n")
     with open(out / "results.csv", "w", newline="") as f:

@@ -314,3 +314,29 @@ def test_results_archive_skips_a_run_without_stage_fingerprints(tmp_path, caplog
     assert archive.fetch("exp/seed0", {"a": {"seed": 0}}) == {"stages": {"a": {}}}
     assert archive.fetch("exp/seed0", {"a": {"seed": 1}}) is None and "stale" in caplog.text
     assert archive.fetch_by_config("exp/seed0", {"seed": 0}) is not None and archive.fetch_by_config("exp/seed0", {"seed": 1}) is None
+
+
+def test_results_archive_matches_the_same_recipe_built_with_other_bytes(tmp_path):
+    import json
+
+    from crossmodal_kd.engine.results_archive import ResultsArchive
+
+    def fingerprint(checksum: str, cache: str = "v2-abc", seed: int = 0) -> dict:
+        dataset = {"cache": cache, "checksum": checksum}
+        return {"seed": seed, "dataset": dataset, "depends": {"teacher": {"seed": seed, "dataset": dataset, "depends": {}}}}
+
+    run = tmp_path / "run"
+    (run / "stages/kd").mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"stages": {"kd": {"acc": 0.5}}}))
+    (run / "stages/kd/fingerprint.json").write_text(json.dumps(fingerprint("aaaa")))
+    archive = ResultsArchive(tmp_path / "results")
+    archive.store("exp/seed0", run, {"seed": 0})
+    assert json.loads(archive.path("exp/seed0").read_text())["data"] == ["aaaa"]
+    # the same recipe built on another CPU (other float rounding): reused, and counted as another build
+    assert archive.fetch("exp/seed0", {"kd": fingerprint("bbbb")}) == {"stages": {"kd": {"acc": 0.5}}}
+    assert archive.data_builds(["exp/seed0"]) == {"aaaa": 1}
+    # another recipe (cache name) or seed, here or upstream: stale
+    assert archive.fetch("exp/seed0", {"kd": fingerprint("aaaa", cache="v2-def")}) is None
+    changed_upstream = fingerprint("aaaa")
+    changed_upstream["depends"]["teacher"]["seed"] = 1
+    assert archive.fetch("exp/seed0", {"kd": changed_upstream}) is None

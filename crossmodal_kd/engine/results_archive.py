@@ -3,9 +3,16 @@ over several sessions or machines and re-tabulated from a clean clone.
 
 One small JSON file per run, at the run's path under the benchmark's ``output_dir`` (``<archive>/<experiment>/
 <variant>/.../seed<k>.json``): the run's ``metrics.json``, a hash of every stage's fingerprint (config, networks,
-data recipe and the built dataset's checksum, seed, precision, world size, and the stages it depends on;
-:mod:`crossmodal_kd.engine.fingerprint`), a hash of the resolved config, and the code that produced it (the
+data recipe, seed, precision, world size, and the stages it depends on; :mod:`crossmodal_kd.engine.fingerprint`),
+the checksums of the dataset builds it read, a hash of the resolved config, and the code that produced it (the
 package's source hash and, where the package sits in a git checkout, the commit). No weights or checkpoints.
+
+The hash leaves out the built dataset's byte checksum and keeps its recipe (the cache name, which hashes the
+dataset version and every build parameter): a dataset built from one recipe on another CPU differs in float
+rounding (BLAS, SVD and resampling kernels), which would otherwise make every archived run stale on every new
+machine. Like channels-last layouts (also left out of fingerprints), that is rounding, not a different
+experiment; the table names the builds it pools (:func:`provenance`). The stage cache and ``--resume`` still
+compare the exact checksum.
 
 Unlike the stage cache, an entry is *not* keyed by the source code: an archived run is reused while every
 stage's fingerprint is unchanged, so a table may pool runs made by different commits; every table built
@@ -21,7 +28,7 @@ import json
 import logging
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from crossmodal_kd.engine.stage_cache import code_hash
 from crossmodal_kd.io import atomic_write_text
@@ -32,6 +39,29 @@ log = logging.getLogger(__name__)
 def digest(node: Any) -> str:
     """sha256 (first 16 hex digits) of a JSON-serialisable value, key order ignored."""
     return hashlib.sha256(json.dumps(node, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def recipe_digest(fingerprint: dict[str, Any]) -> str:
+    """:func:`digest` of a stage fingerprint without the dataset's byte checksum (here and in every stage it
+    depends on): the archive's key, which the same recipe built on another machine still matches."""
+    return digest(_without_checksums(fingerprint))
+
+
+def data_checksums(fingerprint: dict[str, Any]) -> set[str]:
+    """The dataset byte checksums in a stage fingerprint and the fingerprints it depends on."""
+    out = {c} if (c := (fingerprint.get("dataset") or {}).get("checksum")) else set()
+    for dependency in (fingerprint.get("depends") or {}).values():
+        out |= data_checksums(dependency)
+    return out
+
+
+def _without_checksums(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    out = dict(fingerprint)
+    if isinstance(out.get("dataset"), dict):
+        out["dataset"] = {k: v for k, v in out["dataset"].items() if k != "checksum"}
+    if isinstance(out.get("depends"), dict):
+        out["depends"] = {name: _without_checksums(fp) for name, fp in out["depends"].items()}
+    return out
 
 
 @functools.cache
@@ -69,10 +99,12 @@ class ResultsArchive:
             return
         environment = run_dir / "environment.json"  # the code that trained it (runs older than this field: the current)
         trained_by = json.loads(environment.read_text()).get("code") if environment.is_file() else None
+        fingerprints = {stage: json.loads(f.read_text()) for stage, f in files.items()}
         entry = {
             **(trained_by or code_version()),
             "config": digest(config),
-            "fingerprints": {stage: digest(json.loads(f.read_text())) for stage, f in files.items()},
+            "data": sorted(set().union(*map(data_checksums, fingerprints.values()))),
+            "fingerprints": {stage: recipe_digest(fp) for stage, fp in fingerprints.items()},
             "metrics": metrics,
         }
         path = self.path(run)
@@ -89,7 +121,7 @@ class ResultsArchive:
         entry = self._read(self.path(run))
         if entry is None:
             return None
-        wanted = {stage: digest(fp) for stage, fp in fingerprints.items()}
+        wanted = {stage: recipe_digest(fp) for stage, fp in fingerprints.items()}
         if entry.get("fingerprints") != wanted:
             changed = sorted(s for s in wanted.keys() | entry.get("fingerprints", {}).keys()
                              if wanted.get(s) != entry.get("fingerprints", {}).get(s))
@@ -105,12 +137,19 @@ class ResultsArchive:
 
     def provenance(self, runs: list[str]) -> dict[str, int]:
         """``{commit or code hash: number of runs}`` over the archived ``runs``."""
+        return self._count(runs, lambda entry: [entry.get("commit") or f"code {entry.get('code')}"])
+
+    def data_builds(self, runs: list[str]) -> dict[str, int]:
+        """``{dataset byte checksum (12 digits): number of runs that read it}`` over the archived ``runs`` (entries
+        archived before the checksums were recorded count as "not recorded")."""
+        return self._count(runs, lambda entry: [c[:12] for c in entry.get("data", ["not recorded"])])
+
+    def _count(self, runs: list[str], keys: Callable[[dict[str, Any]], list[str]]) -> dict[str, int]:
         counts: dict[str, int] = {}
         for run in runs:
-            entry = self._read(self.path(run))
-            if entry is not None:
-                version = entry.get("commit") or f"code {entry.get('code')}"
-                counts[version] = counts.get(version, 0) + 1
+            if (entry := self._read(self.path(run))) is not None:
+                for key in keys(entry):
+                    counts[key] = counts.get(key, 0) + 1
         return counts
 
     @staticmethod
