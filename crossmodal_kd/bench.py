@@ -7,7 +7,7 @@ A benchmark file::
     seeds: [0, 1, 2, 3, 4]
     draws: [0, 1]                   # optional: data draws, each one --set <draw_key>=<draw> (default data.params.seed)
     sweep:                          # optional: one recipe knob, e.g. the dose-response of avdigits' `shared`
-      {name: shared, key: data.params.shared, values: [0.0, 0.25, 0.5, 0.75]}
+      {name: shared, key: data.params.shared, values: [0.0, 0.25, 0.5, 0.75], default: 0.0}   # default: sets nothing
     reference: [student only (no KD), student only (no KD), 40 epochs]   # the no-KD student at each budget
     tuning: {seeds: [100], budget: 6}                                    # optional: per-row tuning on validation
     variants:                       # name -> --set overrides (e.g. which modality the student sees)
@@ -113,6 +113,10 @@ class Sweep(Strict):
     name: str = Field(description="column and folder label, e.g. shared")
     key: str = Field(description="--set key the values go to, e.g. data.params.shared")
     values: list[Any] = Field(min_length=1)
+    default: Any = Field(
+        None, description="the value the configs have without the override (e.g. the dataset's default): that point "
+        "sets nothing, so its stages keep the fingerprints of tables that never set the key and share their stage cache"
+    )
 
     @field_validator("name")
     @classmethod
@@ -205,11 +209,30 @@ class Cell:
 
     def overrides(self, bench: BenchConfig) -> list[str]:
         out = [*self.exp.overrides, *bench.variants[self.variant], *self.exp.variant_overrides.get(self.variant, [])]
-        if bench.sweep is not None:
+        if bench.sweep is not None and not (bench.sweep.default is not None and self.point == bench.sweep.default):
             out.append(f"{bench.sweep.key}={json.dumps(self.point)}")
         if self.draw is not None:
             out.append(f"{bench.draw_key}={self.draw}")
         return [*out, f"seed={self.seed}"]
+
+
+def preflight(bench: BenchConfig) -> None:
+    """Before anything trains: every experiment's config loads under every variant and has every row's stage,
+    and none sets a swept key to another value than the sweep's ``default``; :class:`ConfigError` otherwise."""
+    for exp in bench.experiments:
+        for variant in bench.variants:
+            cfg = load_config(exp.config, [*exp.overrides, *bench.variants[variant], *exp.variant_overrides.get(variant, [])])
+            names = {s.name for s in cfg.stages}
+            for row in exp.rows:
+                if row.stage not in names:
+                    raise ConfigError(f"benchmark row '{row.label}': no stage '{row.stage}' in {exp.config}")
+            if bench.sweep is not None and bench.sweep.default is not None:
+                node: Any = cfg.model_dump(mode="json")
+                for part in bench.sweep.key.split("."):
+                    node = node.get(part) if isinstance(node, dict) else None
+                if node is not None and node != bench.sweep.default:
+                    raise ConfigError(f"{exp.config}: {bench.sweep.key} is {node!r}, but the sweep's default "
+                                      f"(the point that sets nothing) is {bench.sweep.default!r}")
 
 
 def cells(bench: BenchConfig) -> list[Cell]:
@@ -231,6 +254,7 @@ def run_bench(
     ``report_only``: train nothing, collect the runs that have finished (``metrics.json`` with every
     reported stage), e.g. to tabulate a benchmark that is still running elsewhere.
     """
+    preflight(bench)
     runs = cells(bench)
     chosen = tune(bench, runs, fast_dev_run=fast_dev_run, progress=progress, report_only=report_only)
     records = []
@@ -260,9 +284,7 @@ def _where(bench: BenchConfig, cell: Cell) -> str:
 
 def _record(bench: BenchConfig, cell: Cell, cfg: RunConfig, metrics: dict[str, Any], row: Row,
             tuned: dict[str, Any] | None) -> dict[str, Any]:
-    if row.stage not in metrics["stages"]:
-        raise ConfigError(f"benchmark row '{row.label}': no stage '{row.stage}' in {cell.exp.config}")
-    stage = metrics["stages"][row.stage]
+    stage = metrics["stages"][row.stage]  # preflight() checked the config has it
     m = stage["models"][row.model]
     train_time = sum(  # a stage's cost includes the one-time build of its teachers' target tables
         metrics["stages"][s]["train_time_s"] + metrics["stages"][s].get("target_build_s", 0.0) for s in (row.stage, *row.cost_stages)

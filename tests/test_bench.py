@@ -340,3 +340,28 @@ def test_results_archive_matches_the_same_recipe_built_with_other_bytes(tmp_path
     changed_upstream = fingerprint("aaaa")
     changed_upstream["depends"]["teacher"]["seed"] = 1
     assert archive.fetch("exp/seed0", {"kd": changed_upstream}) is None
+
+
+def test_sweep_default_point_sets_nothing_and_preflight_fails_before_training(tmp_path, monkeypatch):
+    import crossmodal_kd.bench as bench_module
+
+    seen = []
+    monkeypatch.setattr(bench_module, "Runner", lambda cfg, run_dir, **kw: seen.append(dict(cfg.data.params)) or 1 / 0)
+    sweep = {"name": "shared", "key": "data.params.shared", "values": [0.0, 0.5], "default": 0.0}
+    bench = load_bench(bench_file(tmp_path, seeds=[0], draws=[0], sweep=sweep, variants={"image": []}))
+    with pytest.raises(ZeroDivisionError):
+        run_bench(bench, progress=False)
+    assert seen == [{"seed": 0}]  # the default point: no `shared` key, as in tables that never set it
+    cell = [c for c in bench_module.cells(bench) if c.point == 0.5][0]
+    assert "data.params.shared=0.5" in cell.overrides(bench)
+
+    # a config that already sets the swept key to another value, or a row naming a missing stage: one line, nothing trains
+    seen.clear()
+    bench.experiments[0].overrides = ["data.params.shared=0.25"]
+    with pytest.raises(ConfigError, match=r"synthetic_kd.yaml: data.params.shared is 0.25, but the sweep's default .* is 0.0"):
+        run_bench(bench, progress=False)
+    bench.experiments[0].overrides = []
+    bench.experiments[0].rows[1].stage = "kd_typo"
+    with pytest.raises(ConfigError, match="benchmark row 'KD': no stage 'kd_typo' in .*synthetic_kd.yaml"):
+        run_bench(bench, progress=False, report_only=True)
+    assert seen == []
