@@ -276,6 +276,10 @@ def run_bench(
     return records
 
 
+def _runs(n: int) -> str:
+    return f"{n} run" + ("" if n == 1 else "s")
+
+
 def _where(bench: BenchConfig, cell: Cell) -> str:
     parts = [f"{bench.sweep.name}={cell.point}"] if bench.sweep else []
     parts += [f"draw={cell.draw}"] if cell.draw is not None else []
@@ -605,10 +609,11 @@ def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
     archive, archived = (ResultsArchive(bench.archive), sorted({r["run"] for r in records})) if bench.archive else (None, [])
     if archive is not None and (versions := archive.provenance(archived)):
         table += (f"\n\nArchived runs ({bench.archive}) by the code that trained them: "
-                  + ", ".join(f"{v} ({n} runs)" for v, n in sorted(versions.items())))
+                  + ", ".join(f"{v} ({_runs(n)})" for v, n in sorted(versions.items())))
         if builds := archive.data_builds(archived):
-            table += ("; by the dataset build they read (byte checksum; one recipe, float rounding differs by CPU): "
-                      + ", ".join(f"{c} ({n} runs)" for c, n in sorted(builds.items())))
+            table += ("; by the dataset build they read (byte checksums: each data draw is its own build, and the same "
+                      "recipe built on another CPU differs in float rounding): "
+                      + ", ".join(f"{c} ({_runs(n)})" for c, n in sorted(builds.items())))
     atomic_write_text(out / "results.md", table + "\n")
     atomic_write_text(out / "records.json", json.dumps(records, indent=1) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
