@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import subprocess
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -145,12 +146,8 @@ class ResultsArchive:
         return self._count(runs, lambda entry: [c[:12] for c in entry.get("data", ["not recorded"])])
 
     def _count(self, runs: list[str], keys: Callable[[dict[str, Any]], list[str]]) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for run in runs:
-            if (entry := self._read(self.path(run))) is not None:
-                for key in keys(entry):
-                    counts[key] = counts.get(key, 0) + 1
-        return counts
+        entries = (self._read(self.path(run)) for run in runs)
+        return dict(Counter(key for entry in entries if entry is not None for key in keys(entry)))
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any] | None:
