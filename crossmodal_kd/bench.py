@@ -61,7 +61,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from crossmodal_kd.config import (
-    ConfigError, RunConfig, Strict, apply_override, folder_name, load_config, load_raw, validate_config,
+    ConfigError, RunConfig, Strict, apply_override, folder_name, load_config, load_raw, read_dotted, validate_config,
 )
 from crossmodal_kd.engine.fingerprint import upstream
 from crossmodal_kd.engine.html_report import write_report
@@ -227,9 +227,7 @@ def preflight(bench: BenchConfig) -> None:
                 if row.stage not in names:
                     raise ConfigError(f"benchmark row '{row.label}': no stage '{row.stage}' in {exp.config}")
             if bench.sweep is not None and bench.sweep.default is not None:
-                node: Any = cfg.model_dump(mode="json")
-                for part in bench.sweep.key.split("."):
-                    node = node.get(part) if isinstance(node, dict) else None
+                node = read_dotted(cfg.model_dump(mode="json"), bench.sweep.key)
                 if node is not None and node != bench.sweep.default:
                     raise ConfigError(f"{exp.config}: {bench.sweep.key} is {node!r}, but the sweep's default "
                                       f"(the point that sets nothing) is {bench.sweep.default!r}")

@@ -210,6 +210,19 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"--set: '{'.'.join(parts[:-1])}' is not a mapping")
 
 
+def read_dotted(raw: Any, key: str) -> Any:
+    """The value at ``dotted.key`` (list items by index or ``name``, as in :func:`apply_override`), or None."""
+    node = raw
+    for i, part in enumerate(key.split(".")):
+        if isinstance(node, dict) and part not in node:
+            return None
+        try:
+            node = _child(node, part, create=False, where=".".join(key.split(".")[: i + 1]))
+        except ConfigError:
+            return None
+    return node
+
+
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 

@@ -16,6 +16,7 @@ from crossmodal_kd.config import (
     deep_merge,
     dump_config,
     load_config,
+    read_dotted,
     validate_config,
 )
 from crossmodal_kd.registry import METHODS, NETWORKS
@@ -119,6 +120,16 @@ def test_apply_override_creates_nested_mappings():
     apply_override(raw, "a.b.c=true")
     apply_override(raw, "a.b.d=null")
     assert raw == {"a": {"b": {"c": True, "d": None}}}
+
+
+def test_read_dotted_follows_the_override_paths_and_returns_none_when_absent():
+    raw = {"dataset": {"params": {"shared": 0.25}}, "stages": [{"name": "stage1", "epochs": 3}, {"name": "route"}]}
+    assert read_dotted(raw, "dataset.params.shared") == 0.25
+    assert read_dotted(raw, "stages.stage1.epochs") == 3  # by name, as --set addresses it
+    assert read_dotted(raw, "stages.1.name") == "route"
+    assert read_dotted(raw, "dataset.params.missing") is None
+    assert read_dotted(raw, "stages.7.epochs") is None
+    assert read_dotted(raw, "dataset.params.shared.deeper") is None
 
 
 def test_bad_yaml_and_missing_file_name_the_file(tmp_path):
