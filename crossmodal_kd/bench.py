@@ -32,9 +32,11 @@ The protocol the tables enforce:
   says so instead of giving a difference. Rows whose optimizer family or selection metric differ from their
   reference's are listed under the table.
 - **Statistics**: n, mean ± std and the 95 % t interval of the test accuracy; the paired difference to the
-  budget-matched reference over the (draw, seed) pairs both have (mean, 95 % CI, paired t-test p),
-  ``*`` when the interval excludes 0 and ``n.s.`` (no measurable difference) otherwise; ``comparisons``
-  add paired lines between any two rows.
+  budget-matched reference over the (draw, seed) pairs both have (mean, 95 % CI, paired t-test p), and p
+  adjusted by Holm's method over every such test of the table (the ``comparisons``, paired lines between
+  any two rows, are a second family). ``*`` (outside the noise) needs both the interval to exclude 0 and the
+  Holm-adjusted p below 0.05; ``nominal`` marks an interval that excludes 0 by itself, one test among many;
+  ``n.s.`` (no measurable difference) otherwise.
 - **Tuning on validation only**: a row's ``tune`` grid (at most ``tuning.budget`` configurations, the same
   budget for every method) is trained on the tuning seeds, as copies of the row's stage in one run per
   (variant, sweep point, tuning seed) on the first draw; the configuration with the best mean validation
@@ -68,7 +70,7 @@ from crossmodal_kd.engine.html_report import write_report
 from crossmodal_kd.engine.results_archive import ResultsArchive
 from crossmodal_kd.engine.trainer import Runner
 from crossmodal_kd.io import atomic_write_text
-from crossmodal_kd.stats import estimate, paired
+from crossmodal_kd.stats import estimate, holm, paired
 
 TUNED_COPY = "{stage}__t{index}"
 METRICS = ("test_accuracy", "test_macro_f1", "val_accuracy", "train_time_s", "samples_per_s", "peak_memory_mb", "gate_entropy")
@@ -468,6 +470,7 @@ def summarize(records: list[dict[str, Any]], reference: list[str] | str | None =
             if matched:
                 row.update({f"vs_reference_{k}": v for k, v in compare_rows(groups, method, matched[0], variant, point).items()})
         rows.append(row)
+    _adjust([r for r in rows if "vs_reference_p" in r], prefix="vs_reference_")
     return rows
 
 
@@ -484,20 +487,41 @@ def compare_rows(groups: dict[tuple[str, str, Any], list[dict[str, Any]]], a: st
             "p": cmp.p_value, "separated": cmp.separated}
 
 
+ALPHA = 0.05  # family-wise error rate of the Holm-adjusted tests
+
+
+def _adjust(tests: list[dict[str, Any]], prefix: str = "") -> None:
+    """Add the Holm-adjusted p (``p_holm``), the family size (``tests``) and the verdict (``significant``:
+    the CI excludes 0 and the adjusted p is below ALPHA) to each test dict of one family, in place."""
+    adjusted = holm([t[f"{prefix}p"] for t in tests])
+    for t, p in zip(tests, adjusted):
+        t[f"{prefix}p_holm"], t[f"{prefix}tests"] = p, len(tests)
+        t[f"{prefix}significant"] = bool(t[f"{prefix}separated"] and p < ALPHA)
+
+
+def _verdict(separated: bool, significant: bool, short: bool = False) -> str:
+    if significant:
+        return "*" if short else "outside the noise"
+    if separated:
+        return "nominal" if short else "nominal only (not after Holm)"
+    return "n.s." if short else "no measurable difference"
+
+
 def comparisons_table(records: list[dict[str, Any]], comparisons: list[Comparison]) -> str:
     """One line per (comparison, variant, sweep point): the paired test-accuracy difference, its CI and p-value."""
     groups = _groups(records)
     cases = list(dict.fromkeys((r["variant"], r.get("point")) for r in records))
-    lines = ["| student | comparison (a - b) | n | Δ test acc (pp): mean [95 % CI] | p | |", "|---|---|---:|---|---:|---|"]
-    for c in comparisons:
-        for v, point in cases:
-            if not (d := compare_rows(groups, c.a, c.b, v, point)):
-                continue
-            verdict = "outside the noise" if d["separated"] else "no measurable difference"
-            where = v if point is None else f"{v} @ {point}"
-            lines.append(f"| {where} | {c.a} - {c.b} | {d['n']} | {100 * d['diff']:+.2f} [{100 * d['ci_low']:+.2f}, "
-                         f"{100 * d['ci_high']:+.2f}] | {d['p']:.3f} | {verdict} |")
-    return "\n".join(lines) if len(lines) > 2 else "(none yet: a paired comparison needs at least two (draw, seed) pairs)"
+    tests = [{**d, "where": v if point is None else f"{v} @ {point}", "a": c.a, "b": c.b}
+             for c in comparisons for v, point in cases if (d := compare_rows(groups, c.a, c.b, v, point))]
+    if not tests:
+        return "(none yet: a paired comparison needs at least two (draw, seed) pairs)"
+    _adjust(tests)
+    lines = [f"| student | comparison (a - b) | n | Δ test acc (pp): mean [95 % CI] | p | p (Holm, {len(tests)} tests) | |",
+             "|---|---|---:|---|---:|---:|---|"]
+    for d in tests:
+        lines.append(f"| {d['where']} | {d['a']} - {d['b']} | {d['n']} | {100 * d['diff']:+.2f} [{100 * d['ci_low']:+.2f}, "
+                     f"{100 * d['ci_high']:+.2f}] | {d['p']:.3f} | {d['p_holm']:.3f} | {_verdict(d['separated'], d['significant'])} |")
+    return "\n".join(lines)
 
 
 def markdown_table(summary: list[dict[str, Any]], reference: list[str] | str | None = None, sweep: str | None = None) -> str:
@@ -523,6 +547,10 @@ def markdown_table(summary: list[dict[str, Any]], reference: list[str] | str | N
             f"| {r['train_time_s_mean']:.1f} | {r['samples_per_s_mean']:.0f} | {r['peak_memory_mb_mean']:.0f} |"
         )
     notes = protocol_notes(summary, references)
+    if tests := next((r["vs_reference_tests"] for r in summary if "vs_reference_tests" in r), 0):
+        notes.insert(0, f"p: paired t-test; Holm: p adjusted over the {tests} comparisons with a reference in this table; "
+                        f"* = outside the noise (95 % CI excludes 0 and Holm p < {ALPHA}), nominal = the CI alone excludes 0, "
+                        "n.s. = no measurable difference")
     return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
 
@@ -531,10 +559,11 @@ def _versus(r: dict[str, Any], references: list[str]) -> str:
         return f"no budget-matched reference ({r['student_epochs']} student epochs)"
     if r.get("vs_reference_n", 0) < 2:
         return "-"
-    verdict = "*" if r["vs_reference_separated"] else "n.s."
+    verdict = _verdict(r["vs_reference_separated"], r["vs_reference_significant"], short=True)
     versus = f" vs {r['reference']}" if len(references) > 1 else ""
     return (f"{100 * r['vs_reference_diff']:+.2f} [{100 * r['vs_reference_ci_low']:+.2f}, "
-            f"{100 * r['vs_reference_ci_high']:+.2f}], p={r['vs_reference_p']:.3f} {verdict} (n={r['vs_reference_n']}){versus}")
+            f"{100 * r['vs_reference_ci_high']:+.2f}], p={r['vs_reference_p']:.3f} (Holm {r['vs_reference_p_holm']:.3f}) "
+            f"{verdict} (n={r['vs_reference_n']}){versus}")
 
 
 def protocol_notes(summary: list[dict[str, Any]], references: list[str]) -> list[str]:
@@ -584,7 +613,7 @@ def dose_response_table(summary: list[dict[str, Any]], sweep: str) -> str:
             for p in points:
                 r = cell.get((method, variant, p))
                 values.append("-" if r is None else f"{100 * r['test_accuracy_mean']:.2f} [{100 * r['test_accuracy_ci_low']:.2f}, "
-                              f"{100 * r['test_accuracy_ci_high']:.2f}]" + (" *" if r.get("vs_reference_separated") else ""))
+                              f"{100 * r['test_accuracy_ci_high']:.2f}]" + (" *" if r.get("vs_reference_significant") else ""))
             lines.append(f"| {variant} | {method} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
@@ -600,7 +629,7 @@ def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
     if routing := routing_table(records):
         table += "\n\nRouting (last epoch of the routed stage):\n\n" + routing
     if sweep:
-        table += "\n\nDose-response (test accuracy, %, mean [95 % CI]; * outside the noise vs the no-KD student):\n\n" + dose_response_table(summary, sweep)
+        table += "\n\nDose-response (test accuracy, %, mean [95 % CI]; * outside the noise vs the no-KD student, after Holm):\n\n" + dose_response_table(summary, sweep)
         _dose_response_plot(summary, sweep, out / "dose_response.png")
     if (out / "tuning.md").is_file():
         table += "\n\n" + (out / "tuning.md").read_text().strip()

@@ -1,4 +1,5 @@
-"""Statistics for benchmark tables: mean with a t confidence interval, and paired comparisons."""
+"""Statistics for benchmark tables: mean with a t confidence interval, paired comparisons, and Holm's
+adjustment of the p-values of the many comparisons one table makes."""
 
 from __future__ import annotations
 
@@ -62,3 +63,17 @@ def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Paire
     if est.std == 0:
         return Paired(est, 1.0 if est.mean == 0 else 0.0)
     return Paired(est, float(sps.ttest_rel(a, b).pvalue))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm, Scand. J. Statist. 1979), in the input order: with m tests
+    sorted by p, the i-th smallest becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))``. NaN entries (no test)
+    stay NaN and do not count in m. Calling a difference real only where the adjusted value is below alpha
+    keeps the chance of any false "outside the noise" among the m at most alpha."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p == p)
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[i] = running
+    return adjusted

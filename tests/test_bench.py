@@ -95,6 +95,8 @@ def test_paired_comparisons_and_gate_entropy_column():
     assert "| 5 | +2.02 [" in a_b and a_b.endswith("outside the noise |")
     c_b = next(line for line in table.splitlines() if "C - B" in line)
     assert c_b.endswith("no measurable difference |")
+    assert "p (Holm, 2 tests)" in table.splitlines()[0]
+    assert c_b.split(" | ")[4] == c_b.split(" | ")[5] != "1.000"  # Holm: the largest of the 2 p-values is multiplied by 1
     assert "at least two" in comparisons_table(records[:1] + records[5:6], [Comparison(a="A", b="B")])  # one seed: said, not an empty table
     rows = markdown_table(summarize(records)).splitlines()
     assert "gate entropy (x ln E, last epoch)" in rows[0]

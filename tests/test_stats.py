@@ -7,7 +7,7 @@ import math
 import pytest
 
 from crossmodal_kd.bench import markdown_table, summarize
-from crossmodal_kd.stats import estimate, paired
+from crossmodal_kd.stats import estimate, holm, paired
 
 
 def test_t_interval_matches_hand_values():
@@ -44,3 +44,30 @@ def test_summary_compares_each_row_with_the_reference_by_seed():
     table = markdown_table(list(rows.values()), reference="no KD")
     assert "| image | KD | - | 3 | 64.33 ± 1.53 |" in table and "+3.33 [" in table and "* (n=3)" in table
     assert "n.s. (n=3)" in table
+
+
+def test_holm_adjustment_matches_hand_values():
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 -> max(0.06, 0.04) = 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adjusted = holm([math.nan, 0.2])
+    assert math.isnan(adjusted[0]) and adjusted[1] == pytest.approx(0.2)  # NaN is no test: m = 1
+    assert holm([0.6, 0.7]) == [1.0, 1.0]
+    assert holm([]) == []
+
+
+def test_one_nominal_difference_among_many_tests_is_not_called_outside_the_noise():
+    base = [0.60, 0.60, 0.60, 0.60]
+    rows_acc = {"no KD": base, "A": [0.61, 0.62, 0.63, 0.61], "B": [0.60, 0.61, 0.59, 0.60], "C": [0.61, 0.59, 0.60, 0.60]}
+    records = [
+        {"method": m, "variant": "image", "seed": s, "test_accuracy": a, "test_macro_f1": a, "val_accuracy": a,
+         "train_time_s": 1.0, "samples_per_s": 10.0, "peak_memory_mb": 1.0}
+        for m, values in rows_acc.items() for s, a in enumerate(values)
+    ]
+    rows = {r["method"]: r for r in summarize(records, reference="no KD")}
+    a = rows["A"]
+    assert a["vs_reference_p"] == pytest.approx(0.0354, abs=1e-4) and a["vs_reference_separated"]
+    assert a["vs_reference_tests"] == 3 and a["vs_reference_p_holm"] == pytest.approx(3 * a["vs_reference_p"])
+    assert not a["vs_reference_significant"]
+    table = markdown_table(list(rows.values()), reference="no KD")
+    assert "(Holm 0.106) nominal (n=4)" in table and "* (n=4)" not in table
+    assert "adjusted over the 3 comparisons" in table
