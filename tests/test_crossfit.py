@@ -3,12 +3,14 @@ copy of its teacher that never saw it; validation targets from the full teacher.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_json, run_config, tiny_config
+from conftest import REPO, read_json, run_config, tiny_config
 from crossmodal_kd.config import validate_config
 from crossmodal_kd.data import build_dataset
 from crossmodal_kd.models.io import load_model
@@ -30,7 +32,7 @@ def test_folds_are_stratified_grouped_and_cover_every_sample():
     assert sorted(np.bincount(plain).tolist()) == [40, 40, 40]
 
 
-def test_kd_with_cross_fitted_targets(tmp_path):
+def test_kd_with_cross_fitted_targets(tmp_path, capsys):
     raw = tiny_config()
     raw["stages"][2]["targets"] = {"cross_fit": 2}
     run = tmp_path / "run"
@@ -57,6 +59,21 @@ def test_kd_with_cross_fitted_targets(tmp_path):
     assert any(torch.allclose(t, oof, atol=1e-5) for t in matches.values())
     assert any(torch.allclose(t, plain, atol=1e-5) for t in matches.values())
     assert not torch.allclose(oof, plain, atol=1e-3)  # out-of-fold targets are not the full teacher's
+
+    # tools/crossfit_analysis.py pools the full teacher and its fold copies from a benchmark's run tree
+    bench_run = tmp_path / "bench" / "crossfit" / "image" / "draw0" / "seed0"
+    bench_run.parent.mkdir(parents=True)
+    run.rename(bench_run)
+    spec = importlib.util.spec_from_file_location("crossfit_analysis", REPO / "tools" / "crossfit_analysis.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(tmp_path / "bench"), "teacher"]) == 0
+    fold_acc = [read_json(bench_run / "crossfit" / "teacher" / f"fold{f}" / "stages" / "teacher" / "result.json")
+                ["models"]["model"]["val"]["accuracy"] for f in range(2)]
+    full_acc = read_json(bench_run / "stages" / "teacher" / "result.json")["models"]["model"]["val"]["accuracy"]
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| image | model |"))
+    assert f"| {100 * full_acc:.2f} ± 0.00 (n=1) | {100 * sum(fold_acc) / 2:.2f} ± " in line and line.endswith("(n=2) |")
+    assert tool.main([str(tmp_path / "bench"), "collab"]) == 1  # no such cross-fitted stage: said, not a traceback
 
 
 def test_cross_fit_needs_a_teacher_stage_of_this_run(tmp_path):
