@@ -142,7 +142,7 @@ def test_bench_report_is_written_by_write_reports(tiny_run, tmp_path):
     write_reports(bench, records)
     page = parse(out / "report.html")
     table = markdown_table(summarize(records, "student only"), "student only")
-    for line in table.splitlines()[2:]:
+    for line in [x for x in table.splitlines()[2:] if x.startswith("|")]:  # the rows, not the notes under them
         assert [c.strip() for c in line.strip().strip("|").split("|")] in page.rows
     (chart,) = decoded_pngs(page)
     assert chart.size == Image.open(out / "results.png").size
