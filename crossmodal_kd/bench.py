@@ -45,6 +45,7 @@ The protocol the tables enforce:
 
 Every run lives in ``<output_dir>/<experiment>/<variant>[/<sweep><value>][/draw<d>]/seed<k>`` and tuning runs
 in ``<output_dir>/tuning/...``; an interrupted benchmark resumes (finished stages and runs are skipped).
+Several bench processes may work on one benchmark at once: each claims the run it trains (:func:`_claim`).
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ import copy
 import csv
 import itertools
 import json
+import logging
+import os
 import statistics
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -69,8 +72,10 @@ from crossmodal_kd.engine.fingerprint import upstream
 from crossmodal_kd.engine.html_report import write_report
 from crossmodal_kd.engine.results_archive import ResultsArchive
 from crossmodal_kd.engine.trainer import Runner
-from crossmodal_kd.io import atomic_write_text
+from crossmodal_kd.io import atomic_write_text, exclusive
 from crossmodal_kd.stats import estimate, holm, paired
+
+log = logging.getLogger(__name__)
 
 TUNED_COPY = "{stage}__t{index}"
 METRICS = ("test_accuracy", "test_macro_f1", "val_accuracy", "train_time_s", "samples_per_s", "peak_memory_mb", "gate_entropy")
@@ -257,7 +262,7 @@ def run_bench(
     preflight(bench)
     runs = cells(bench)
     chosen = tune(bench, runs, fast_dev_run=fast_dev_run, progress=progress, report_only=report_only)
-    records = []
+    records, claimed_elsewhere = [], []
     for i, cell in enumerate(runs, 1):
         run_dir = cell.run_dir(bench)
         tuned = [chosen.get((cell.exp.folder, row.label, cell.variant, cell.point)) for row in cell.exp.rows]
@@ -267,13 +272,32 @@ def run_bench(
         cfg = load_config(cell.exp.config, overrides)
         if progress:
             print(f"[{i}/{len(runs)}] {cell.exp.config} variant={cell.variant} {_where(bench, cell)} -> {run_dir}", flush=True)
-        metrics = _finished_run(bench, cfg, run_dir, [row.stage for row in cell.exp.rows],
-                                fast_dev_run=fast_dev_run, progress=progress, report_only=report_only)
-        if metrics is None:
+        try:
+            metrics = _finished_run(bench, cfg, run_dir, [row.stage for row in cell.exp.rows], fast_dev_run=fast_dev_run,
+                                    progress=progress, report_only=report_only, wait=False)
+        except RunClaimed as exc:
+            log.info("%s; going on with the next run, its result is collected at the end", exc)
+            claimed_elsewhere.append((cell, cfg, tuned))
             continue
-        for row, tuned_config in zip(cell.exp.rows, tuned):
-            records.append(_record(bench, cell, cfg, metrics, row, tuned_config))
+        records += [_record(bench, cell, cfg, metrics, row, t) for row, t in zip(cell.exp.rows, tuned)] if metrics else []
+    for cell, cfg, tuned in claimed_elsewhere:  # wait for the other process; finish the run if it died first
+        metrics = _finished_run(bench, cfg, cell.run_dir(bench), [row.stage for row in cell.exp.rows],
+                                fast_dev_run=fast_dev_run, progress=progress, report_only=False)
+        records += [_record(bench, cell, cfg, metrics, row, t) for row, t in zip(cell.exp.rows, tuned)]
     return records
+
+
+class RunClaimed(Exception):
+    """Another bench process is training this run (its directory's claim is held)."""
+
+
+def _claim(run_dir: Path, wait: bool) -> AbstractContextManager[bool]:
+    """The exclusive claim on a run directory, so that several bench processes on one file system share a
+    benchmark's runs (each trains the runs nobody else holds). Under ``accelerate launch`` every rank trains the
+    same run, so nothing is claimed there (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return nullcontext(True)
+    return exclusive(run_dir.parent / f".{run_dir.name}.claim", wait=wait)
 
 
 def _runs(n: int) -> str:
@@ -323,11 +347,12 @@ def _stage_overrides(stage: str, config: dict[str, Any]) -> list[str]:
 
 
 def _finished_run(bench: BenchConfig, cfg: RunConfig, run_dir: Path, stages: list[str], *, fast_dev_run: bool,
-                  progress: bool, report_only: bool) -> dict[str, Any] | None:
+                  progress: bool, report_only: bool, wait: bool = True) -> dict[str, Any] | None:
     """The metrics of the run in ``run_dir``: read from the results archive when it holds the run with the same
     fingerprints, else trained (or resumed) and archived; with ``report_only``, only what has finished (in
     ``run_dir``, then archived too, else in the archive with the same resolved config), None otherwise.
-    Fast-dev-runs bypass the archive."""
+    Fast-dev-runs bypass the archive. Training holds the run's claim (:func:`_claim`): another process's
+    claim is waited for, or with ``wait=False`` raises :class:`RunClaimed`."""
     archive = ResultsArchive(bench.archive) if bench.archive and not fast_dev_run else None
     name = run_dir.relative_to(bench.output_dir).as_posix()
     config = cfg.model_dump(mode="json")
@@ -338,15 +363,18 @@ def _finished_run(bench: BenchConfig, cfg: RunConfig, run_dir: Path, stages: lis
             return metrics
         metrics = archive.fetch_by_config(name, config) if archive is not None else None
         return metrics if metrics is not None and all(s in metrics["stages"] for s in stages) else None
-    runner = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress, stage_cache=bench.stage_cache)
-    if archive is not None and (metrics := archive.fetch(name, runner.stage_identities())) is not None:
-        if progress:
-            print(f"  (archived: {archive.path(name)})", flush=True)
+    with _claim(run_dir, wait) as mine:
+        if not mine:
+            raise RunClaimed(f"run {run_dir} is claimed by another bench process")
+        runner = Runner(cfg, run_dir, resume=True, fast_dev_run=fast_dev_run, progress=progress, stage_cache=bench.stage_cache)
+        if archive is not None and (metrics := archive.fetch(name, runner.stage_identities())) is not None:
+            if progress:
+                print(f"  (archived: {archive.path(name)})", flush=True)
+            return metrics
+        metrics = runner.run()
+        if archive is not None:
+            archive.store(name, run_dir, config)
         return metrics
-    metrics = runner.run()
-    if archive is not None:
-        archive.store(name, run_dir, config)
-    return metrics
 
 
 def _finished_metrics(run_dir: Path, stages: list[str]) -> dict[str, Any] | None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
 import statistics
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -367,3 +370,29 @@ def test_sweep_default_point_sets_nothing_and_preflight_fails_before_training(tm
     with pytest.raises(ConfigError, match="benchmark row 'KD': no stage 'kd_typo' in .*synthetic_kd.yaml"):
         run_bench(bench, progress=False, report_only=True)
     assert seen == []
+
+
+def test_bench_processes_share_runs_by_claiming_them(tmp_path):
+    from crossmodal_kd.io import exclusive
+
+    bench = load_bench(bench_file(tmp_path))
+    held = tmp_path / "bench/synthetic_kd/image/seed0"
+    claim = held.parent / ".seed0.claim"
+    with exclusive(claim) as mine:  # "another process" trains image/seed0
+        assert mine and claim.read_text().strip() == str(os.getpid())
+        with exclusive(claim, wait=False) as other:
+            assert other is False  # a second claimant is refused at once
+        result: dict[str, list] = {}
+        worker = threading.Thread(target=lambda: result.setdefault("records", run_bench(bench, progress=False)))
+        worker.start()
+        last = tmp_path / "bench/synthetic_kd/audio/seed1/metrics.json"
+        deadline = time.monotonic() + 600
+        while not last.is_file() and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert last.is_file() and worker.is_alive()  # the other runs are trained, then it waits for the claimed one
+        assert not (held / "metrics.json").exists()
+    worker.join(timeout=600)
+    assert not worker.is_alive()
+    records = result["records"]
+    assert len(records) == 2 * 2 * 2 and {(r["variant"], r["seed"]) for r in records} == {(v, s) for v in ("image", "audio") for s in (0, 1)}
+    assert (held / "metrics.json").stat().st_mtime_ns > last.stat().st_mtime_ns  # trained last, after the claim was released
