@@ -34,7 +34,8 @@ The protocol the tables enforce:
 - **Statistics**: n, mean ± std and the 95 % t interval of the test accuracy; the paired difference to the
   budget-matched reference over the (draw, seed) pairs both have (mean, 95 % CI, paired t-test p), and p
   adjusted by Holm's method over every such test of the table (the ``comparisons``, paired lines between
-  any two rows, are a second family). ``*`` (outside the noise) needs both the interval to exclude 0 and the
+  any two rows, are a second family; two rows of different student epochs are compared budget-adjusted, each
+  less its own budget-matched reference). ``*`` (outside the noise) needs both the interval to exclude 0 and the
   Holm-adjusted p below 0.05; ``nominal`` marks an interval that excludes 0 by itself, one test among many;
   ``n.s.`` (no measurable difference) otherwise.
 - **Tuning on validation only**: a row's ``tune`` grid (at most ``tuning.budget`` configurations, the same
@@ -493,21 +494,38 @@ def summarize(records: list[dict[str, Any]], reference: list[str] | str | None =
             if key == "test_accuracy":
                 row["test_accuracy_ci_low"], row["test_accuracy_ci_high"] = est.low, est.high
         if references and method not in references:
-            matched = [ref for ref in references if (ref, variant, point) in groups and _epochs(groups[(ref, variant, point)]) == row["student_epochs"]]
-            row["reference"] = matched[0] if matched else None
-            if matched:
-                row.update({f"vs_reference_{k}": v for k, v in compare_rows(groups, method, matched[0], variant, point).items()})
+            row["reference"] = ref = _budget_reference(groups, references, method, variant, point)
+            if ref is not None:
+                row.update({f"vs_reference_{k}": v for k, v in compare_rows(groups, method, ref, variant, point).items()})
         rows.append(row)
     _adjust([r for r in rows if "vs_reference_p" in r], prefix="vs_reference_")
     return rows
 
 
-def compare_rows(groups: dict[tuple[str, str, Any], list[dict[str, Any]]], a: str, b: str, variant: str, point: Any = None
-                 ) -> dict[str, Any]:
+def _budget_reference(groups: dict[tuple[str, str, Any], list[dict[str, Any]]], references: list[str], method: str,
+                      variant: str, point: Any) -> str | None:
+    """The first reference row with the student epochs of ``method`` (same variant and sweep point), if any."""
+    epochs = _epochs(groups.get((method, variant, point), []))
+    return next((ref for ref in references if (ref, variant, point) in groups and _epochs(groups[(ref, variant, point)]) == epochs), None)
+
+
+def _accuracies(groups: dict[tuple[str, str, Any], list[dict[str, Any]]], method: str, variant: str, point: Any,
+                minus: str | None = None) -> dict[tuple[Any, int], float]:
+    """Test accuracy of ``method`` by (draw, seed); less that of row ``minus`` where given (pairs both have)."""
+    acc = {(r.get("draw"), r["seed"]): r["test_accuracy"] for r in groups.get((method, variant, point), [])}
+    if minus is None:
+        return acc
+    base = _accuracies(groups, minus, variant, point)
+    return {k: v - base[k] for k, v in acc.items() if k in base}
+
+
+def compare_rows(groups: dict[tuple[str, str, Any], list[dict[str, Any]]], a: str, b: str, variant: str, point: Any = None,
+                 minus_a: str | None = None, minus_b: str | None = None) -> dict[str, Any]:
     """Test accuracy of row ``a`` minus row ``b`` (one variant and sweep point), paired over the (draw, seed)
-    pairs both have: ``n``, ``diff``, ``ci_low``, ``ci_high``, ``p``, ``separated``; empty with fewer than two pairs."""
-    other = {(r.get("draw"), r["seed"]): r["test_accuracy"] for r in groups.get((b, variant, point), [])}
-    pairs = [(r["test_accuracy"], other[k]) for r in groups.get((a, variant, point), []) if (k := (r.get("draw"), r["seed"])) in other]
+    pairs both have: ``n``, ``diff``, ``ci_low``, ``ci_high``, ``p``, ``separated``; empty with fewer than two pairs.
+    With ``minus_a`` / ``minus_b``, each side is first taken relative to that row (a difference of differences)."""
+    xs, ys = _accuracies(groups, a, variant, point, minus_a), _accuracies(groups, b, variant, point, minus_b)
+    pairs = [(x, ys[k]) for k, x in xs.items() if k in ys]
     if len(pairs) < 2:
         return {}
     cmp = paired([x for x, _ in pairs], [y for _, y in pairs])
@@ -535,19 +553,39 @@ def _verdict(separated: bool, significant: bool, short: bool = False) -> str:
     return "n.s." if short else "no measurable difference"
 
 
-def comparisons_table(records: list[dict[str, Any]], comparisons: list[Comparison]) -> str:
-    """One line per (comparison, variant, sweep point): the paired test-accuracy difference, its CI and p-value."""
+def _comparison(groups: dict[tuple[str, str, Any], list[dict[str, Any]]], c: Comparison, references: list[str],
+                variant: str, point: Any) -> dict[str, Any]:
+    """One comparison line's test. Rows of different student epochs are compared budget-adjusted, each less its
+    own budget-matched reference (a raw difference would credit the longer budget to the method); without such
+    references the raw difference is kept and the line says the budgets differ."""
+    epochs = (_epochs(groups.get((c.a, variant, point), [])), _epochs(groups.get((c.b, variant, point), [])))
+    refs = (None, None)
+    if epochs[0] != epochs[1]:
+        refs = (_budget_reference(groups, references, c.a, variant, point), _budget_reference(groups, references, c.b, variant, point))
+    if not (d := compare_rows(groups, c.a, c.b, variant, point, *refs)):
+        return {}
+    label = f"{c.a} - {c.b}"
+    if epochs[0] != epochs[1]:
+        label += (f" (budget-adjusted: each less its no-KD student of the same epochs, {epochs[0]} / {epochs[1]})" if all(refs)
+                  else f" (NOT budget-matched: {epochs[0]} vs {epochs[1]} student epochs)")
+    return {**d, "where": variant if point is None else f"{variant} @ {point}", "label": label}
+
+
+def comparisons_table(records: list[dict[str, Any]], comparisons: list[Comparison],
+                      references: list[str] | str | None = None) -> str:
+    """One line per (comparison, variant, sweep point): the paired test-accuracy difference, its CI and p-value;
+    budget-adjusted where the two rows train their students for different epochs (see :func:`_comparison`)."""
+    references = [references] if isinstance(references, str) else list(references or [])
     groups = _groups(records)
     cases = list(dict.fromkeys((r["variant"], r.get("point")) for r in records))
-    tests = [{**d, "where": v if point is None else f"{v} @ {point}", "a": c.a, "b": c.b}
-             for c in comparisons for v, point in cases if (d := compare_rows(groups, c.a, c.b, v, point))]
+    tests = [d for c in comparisons for v, point in cases if (d := _comparison(groups, c, references, v, point))]
     if not tests:
         return "(none yet: a paired comparison needs at least two (draw, seed) pairs)"
     _adjust(tests)
     lines = [f"| student | comparison (a - b) | n | Δ test acc (pp): mean [95 % CI] | p | p (Holm, {len(tests)} tests) | |",
              "|---|---|---:|---|---:|---:|---|"]
     for d in tests:
-        lines.append(f"| {d['where']} | {d['a']} - {d['b']} | {d['n']} | {100 * d['diff']:+.2f} [{100 * d['ci_low']:+.2f}, "
+        lines.append(f"| {d['where']} | {d['label']} | {d['n']} | {100 * d['diff']:+.2f} [{100 * d['ci_low']:+.2f}, "
                      f"{100 * d['ci_high']:+.2f}] | {d['p']:.3f} | {d['p_holm']:.3f} | {_verdict(d['separated'], d['significant'])} |")
     return "\n".join(lines)
 
@@ -653,7 +691,7 @@ def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
     sweep = bench.sweep.name if bench.sweep else None
     table = markdown_table(summary, bench.reference, sweep)
     if bench.comparisons:
-        table += "\n\nPaired comparisons:\n\n" + comparisons_table(records, bench.comparisons)
+        table += "\n\nPaired comparisons:\n\n" + comparisons_table(records, bench.comparisons, bench.reference)
     if routing := routing_table(records):
         table += "\n\nRouting (last epoch of the routed stage):\n\n" + routing
     if sweep:

@@ -106,6 +106,21 @@ def test_paired_comparisons_and_gate_entropy_column():
     assert "| 0.80 |" in next(r for r in rows if "| A |" in r) and "| - |" in next(r for r in rows if "| B |" in r)
 
 
+
+def test_comparisons_of_different_budgets_are_budget_adjusted():
+    from crossmodal_kd.bench import Comparison, comparisons_table
+
+    # the 40-epoch rows are 3 points better than the 20-epoch rows on every seed: budget, not method
+    records = [_record("ref20", s, 0.60 + 0.01 * s) for s in range(5)]
+    records += [_record("ref40", s, 0.63 + 0.01 * s, epochs=40) for s in range(5)]
+    records += [_record("long", s, 0.63 + 0.01 * s + (0.002 if s % 2 else -0.002), epochs=40) for s in range(5)]
+    records += [_record("short", s, 0.59 + 0.01 * s, epochs=20) for s in range(5)]
+    line = comparisons_table(records, [Comparison(a="long", b="short")], ["ref20", "ref40"]).splitlines()[-1]
+    assert "budget-adjusted" in line and "40 / 20" in line
+    assert "| 5 | +0.96 [" in line  # (long - ref40) - (short - ref20) = -0.04 - (-1) pp, not the raw +3.96
+    raw = comparisons_table(records, [Comparison(a="long", b="short")]).splitlines()[-1]
+    assert "NOT budget-matched" in raw and "| 5 | +3.96 [" in raw
+
 def test_variant_overrides_reach_their_variant_only(tmp_path, monkeypatch):
     import crossmodal_kd.bench as bench_module
 
