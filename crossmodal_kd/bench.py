@@ -241,27 +241,32 @@ def preflight(bench: BenchConfig) -> None:
                                       f"(the point that sets nothing) is {bench.sweep.default!r}")
 
 
-def cells(bench: BenchConfig) -> list[Cell]:
-    """Every run, seed-major, so an interrupted benchmark has whole seeds of every experiment and variant."""
+def cells(bench: BenchConfig, draws: list[int] | None = None) -> list[Cell]:
+    """Every run, seed-major, so an interrupted benchmark has whole seeds of every experiment and variant;
+    ``draws``: only these of the file's data draws."""
     seeds = sorted({s for e in bench.experiments for s in (e.seeds or bench.seeds)})
     points = bench.sweep.values if bench.sweep else [None]
+    if draws is not None and (unknown := sorted(set(draws) - set(bench.draws or []))):
+        raise ConfigError(f"draws {unknown} are not among the benchmark's draws ({bench.draws or 'none: no draws key'})")
     return [
         Cell(e, v, p, d, s)
-        for s in seeds for d in (bench.draws or [None]) for p in points
+        for s in seeds for d in (draws or bench.draws or [None]) for p in points
         for e in bench.experiments if s in (e.seeds or bench.seeds) for v in bench.variants
     ]
 
 
 def run_bench(
-    bench: BenchConfig, *, fast_dev_run: bool = False, progress: bool = True, report_only: bool = False
+    bench: BenchConfig, *, fast_dev_run: bool = False, progress: bool = True, report_only: bool = False,
+    draws: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) the tuning and then every run of the benchmark; one record per (row, run).
 
     ``report_only``: train nothing, collect the runs that have finished (``metrics.json`` with every
-    reported stage), e.g. to tabulate a benchmark that is still running elsewhere.
+    reported stage), e.g. to tabulate a benchmark that is still running elsewhere. ``draws``: run only these
+    data draws; tuning stays on the file's first draw, so a restricted run chooses what the whole one does.
     """
+    runs = cells(bench, draws)
     preflight(bench)
-    runs = cells(bench)
     chosen = tune(bench, runs, fast_dev_run=fast_dev_run, progress=progress, report_only=report_only)
     records, claimed_elsewhere = [], []
     for i, cell in enumerate(runs, 1):

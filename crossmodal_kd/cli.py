@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("bench_file")
     b.add_argument("--seeds", type=int, nargs="+", help="override the file's seeds")
     b.add_argument("--variants", nargs="+", help="run (and tabulate) only these student variants")
+    b.add_argument("--draws", type=int, nargs="+", help="run (and tabulate) only these of the file's data draws; tuning stays on its first")
     b.add_argument("--output-dir")
     b.add_argument("--fast-dev-run", action="store_true")
     b.add_argument("--report-only", action="store_true", help="train nothing; tabulate the finished runs")
@@ -177,11 +178,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"error: {args.bench_file}: no variant {', '.join(unknown)}; variants: {', '.join(bench.variants)}", file=sys.stderr)
             return 2
         bench.variants = {v: o for v, o in bench.variants.items() if v in args.variants}
+    if args.draws and (unknown := sorted(set(args.draws) - set(bench.draws or []))):
+        print(f"error: {args.bench_file}: no data draw {', '.join(map(str, unknown))}; draws: {bench.draws or 'none (no draws key)'}", file=sys.stderr)
+        return 2
     if args.output_dir:
         bench.output_dir = args.output_dir
     if args.no_archive:
         bench.archive = None
-    records = run_bench(bench, fast_dev_run=args.fast_dev_run, progress=not args.no_progress, report_only=args.report_only)
+    records = run_bench(bench, fast_dev_run=args.fast_dev_run, progress=not args.no_progress, report_only=args.report_only,
+                        draws=args.draws)
     if not records:
         print(f"no finished runs under {bench.output_dir}")
         return 1

@@ -163,6 +163,8 @@ def test_cli_bench_variants_filter_names_unknown_ones(tmp_path, capsys):
     assert main(["bench", str(bench_file(tmp_path)), "--variants", "video", "--report-only"]) == 2
     err = capsys.readouterr().err
     assert "bench.yaml: no variant video; variants: " in err and {"image", "audio"} <= set(err.split("variants: ")[1].strip().split(", "))
+    assert main(["bench", str(bench_file(tmp_path)), "--draws", "1", "--report-only"]) == 2  # the file has no draws key
+    assert "bench.yaml: no data draw 1; draws: none (no draws key)" in capsys.readouterr().err
 
 
 def test_rows_are_compared_with_the_reference_of_their_student_budget():
@@ -261,6 +263,35 @@ def test_tuning_trains_stage_copies_on_validation_and_runs_the_benchmark_with_th
     with pytest.raises(ConfigError, match="row 'KD': its tune grid has 4 configurations, the budget is 3"):
         load_bench(path)
 
+
+
+def test_a_run_restricted_to_some_draws_still_tunes_on_the_files_first_draw(tmp_path, monkeypatch):
+    import crossmodal_kd.bench as bench_module
+    from crossmodal_kd.bench import cells
+
+    seen = []
+
+    class FakeRunner:
+        def __init__(self, cfg, run_dir, **kwargs):
+            self.cfg = cfg
+            seen.append(run_dir.relative_to(tmp_path / "bench").as_posix())
+
+        def run(self):
+            stage = {"models": {m: {"test": {"accuracy": 0.5, "macro_f1": 0.5}, "val": {"accuracy": 0.5}} for m in ("model", "student")},
+                     "train_time_s": 1.0, "train_samples_per_s": 1.0, "peak_memory_mb": 1.0}
+            return {"stages": {s.name: stage for s in self.cfg.stages}}
+
+    monkeypatch.setattr(bench_module, "Runner", FakeRunner)
+    path = bench_file(tmp_path, seeds=[0], draws=[0, 1], variants={"image": []}, tuning={"seeds": [100], "budget": 2})
+    spec = yaml.safe_load(path.read_text())
+    spec["experiments"][0]["rows"][1]["tune"] = {"method.params.tau": [1.0, 2.0]}
+    path.write_text(yaml.safe_dump(spec))
+    bench = load_bench(path)
+    records = run_bench(bench, progress=False, draws=[1])
+    assert seen == ["tuning/synthetic_kd/image/draw0/seed100", "synthetic_kd/image/draw1/seed0"]
+    assert {r["draw"] for r in records} == {1}
+    with pytest.raises(ConfigError, match=r"draws \[2\] are not among the benchmark's draws \(\[0, 1\]\)"):
+        cells(bench, [2])
 
 def test_routing_table_averages_the_last_epoch_shares_of_routed_rows():
     from crossmodal_kd.bench import routing_table
