@@ -105,3 +105,25 @@ def test_cross_fit_in_a_fast_dev_run_is_bounded(tmp_path):
     for f in range(3):
         fold = read_json(tmp_path / "run" / "crossfit" / "teacher" / f"fold{f}" / "stages" / "teacher" / "result.json")
         assert fold["epochs"] == 1
+
+
+def test_fold_copies_are_shared_through_the_stage_cache(tmp_path, caplog):
+    """A second run that cross-fits the same teacher stage on the same folds (here: another KD stage, as the
+    other student's run of a benchmark seed would) reads the fold copies from the stage cache instead of
+    training them again; another run seed (other folds, other weights) trains its own."""
+    raw = tiny_config()
+    raw["stages"][2]["targets"] = {"cross_fit": 2}
+    cache = tmp_path / "cache"
+    run_config(raw, tmp_path / "first", stage_cache=cache)
+    raw["stages"][2]["method"]["params"]["tau"] = 2.0  # the KD stage differs, its teacher does not
+    with caplog.at_level("INFO", logger="crossmodal_kd.engine.crossfit"):
+        run_config(raw, tmp_path / "second", stage_cache=cache)
+    assert not any("cross-fitting: training" in r.message for r in caplog.records)
+    assert sum("reused from the stage cache" in r.message for r in caplog.records) == 2
+    for f in range(2):
+        model = f"crossfit/teacher/fold{f}/stages/teacher/models/model.pt"
+        assert (tmp_path / "first" / model).read_bytes() == (tmp_path / "second" / model).read_bytes()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="crossmodal_kd.engine.crossfit"):
+        run_config({**raw, "seed": 1}, tmp_path / "third", stage_cache=cache)
+    assert sum("cross-fitting: training" in r.message for r in caplog.records) == 2

@@ -15,6 +15,7 @@ which were trained on the full teacher; only the network's weights are swapped p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import random
 import time
@@ -108,9 +109,16 @@ def train_fold(trainer: Any, stage: Any, fold: int, train_idx: np.ndarray, model
         raise ConfigError(f"targets.cross_fit: teacher stage '{stage.name}' depends on stage(s) {', '.join(depends)}; "
                           "only stages trained from scratch can be cross-fitted")
     fold_dir = Path(env.run_dir) / "crossfit" / stage.name / f"fold{fold}"
-    path = model_path(fold_dir, stage.name, model)
-    if (stage_dir(fold_dir, stage.name) / "result.json").is_file() and path.is_file():
+    path, sdir = model_path(fold_dir, stage.name, model), stage_dir(fold_dir, stage.name)
+    if (sdir / "result.json").is_file() and path.is_file():
         return path
+    key = _fold_key(env, stage.name, fold, train_idx)
+    if key and not (sdir / "checkpoints").exists():  # a fold copy that started training here finishes here
+        if trainer.acc.is_main_process and env.stage_cache.fetch(key, sdir):
+            log.info("cross-fitting: %s fold %d reused from the stage cache (%s)", stage.name, fold, env.stage_cache.root / key)
+        trainer.acc.wait_for_everyone()
+        if (sdir / "result.json").is_file() and path.is_file():
+            return path
     fold_env = dataclasses.replace(
         env, run_dir=fold_dir, data=dataclasses.replace(env.data, train=Subset(env.data.train, train_idx.tolist()))
     )
@@ -118,11 +126,23 @@ def train_fold(trainer: Any, stage: Any, fold: int, train_idx: np.ndarray, model
     set_seed(stage_seed(env.cfg.seed, f"{stage.name}/fold{fold}"))
     index = [s.name for s in env.cfg.stages].index(stage.name)
     log.info("cross-fitting: training %s on folds other than %d", stage.name, fold)
-    type(trainer)(fold_env, index, stage, stage_dir(fold_dir, stage.name)).train()
+    type(trainer)(fold_env, index, stage, sdir).train()
     random.setstate(states[0])
     np.random.set_state(states[1])
     torch.set_rng_state(states[2])
+    if key and trainer.acc.is_main_process:
+        env.stage_cache.store(key, sdir)
     return path
+
+
+def _fold_key(env: Any, stage: str, fold: int, train_idx: np.ndarray) -> str | None:
+    """The stage-cache key of a fold copy: its stage's fingerprint (config, networks, data, run seed, ...), the
+    fold and the exact training rows, so runs that train the same teacher on the same folds share the copy
+    (e.g. the image and audio students' runs of one seed). None without a stage cache."""
+    if env.stage_cache is None or stage not in env.fingerprints:
+        return None
+    rows = hashlib.sha256(np.ascontiguousarray(train_idx, dtype=np.int64).tobytes()).hexdigest()
+    return env.stage_cache.key({"cross_fit_copy": env.fingerprints[stage], "fold": fold, "train_rows": rows})
 
 
 def _fill_fold(call: TeacherCall, table: TargetTable, fold_model: torch.nn.Module, rows: np.ndarray, trainer: Any) -> None:

@@ -164,6 +164,8 @@ class StageEnv:
     fast_dev_run: bool = False
     progress: bool = True
     resume: bool = False
+    stage_cache: StageCache | None = None  # finished stages shared across runs (cross-fitting's fold copies too)
+    fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)  # every stage's, for stage_cache keys
 
     def loaders(self, seed: int) -> dict[str, DataLoader]:
         cfg, data = self.cfg.data, self.data
@@ -289,7 +291,8 @@ class Runner:
         if self.data is None:
             raise RuntimeError("Runner.env: the data is not loaded yet")
         return StageEnv(self.cfg, self.run_dir, self.accelerator, self.data, self.views,
-                        self.fast_dev_run, self.progress, self.resume)
+                        self.fast_dev_run, self.progress, self.resume, self.stage_cache,
+                        self.fingerprints if self.stage_cache else {})
 
     def _prepare_run_dir(self) -> None:
         """Check the directory is usable and holds nothing this run must not touch, load the data, check
