@@ -114,9 +114,8 @@ def train_fold(trainer: Any, stage: Any, fold: int, train_idx: np.ndarray, model
         return path
     key = _fold_key(env, stage.name, fold, train_idx)
     if key and not (sdir / "checkpoints").exists():  # a fold copy that started training here finishes here
-        if trainer.acc.is_main_process and env.stage_cache.fetch(key, sdir):
+        if env.stage_cache.fetch_on_main(key, sdir, trainer.acc):
             log.info("cross-fitting: %s fold %d reused from the stage cache (%s)", stage.name, fold, env.stage_cache.root / key)
-        trainer.acc.wait_for_everyone()
         if (sdir / "result.json").is_file() and path.is_file():
             return path
     fold_env = dataclasses.replace(
@@ -130,8 +129,8 @@ def train_fold(trainer: Any, stage: Any, fold: int, train_idx: np.ndarray, model
     random.setstate(states[0])
     np.random.set_state(states[1])
     torch.set_rng_state(states[2])
-    if key and trainer.acc.is_main_process:
-        env.stage_cache.store(key, sdir)
+    if key:
+        env.stage_cache.store_on_main(key, sdir, trainer.acc)
     return path
 
 

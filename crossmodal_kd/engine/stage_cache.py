@@ -56,6 +56,18 @@ class StageCache:
         _copy(entry, stage_dir)
         return True
 
+    def fetch_on_main(self, key: str, stage_dir: Path, accelerator: Any) -> bool:
+        """:meth:`fetch` on the main process while every other rank waits (they share its file system, so all
+        see the copy afterwards); True on the main process when it copied an entry."""
+        fetched = accelerator.is_main_process and self.fetch(key, stage_dir)
+        accelerator.wait_for_everyone()
+        return fetched
+
+    def store_on_main(self, key: str, stage_dir: Path, accelerator: Any) -> None:
+        """:meth:`store` from the main process only (the other ranks hold the same finished files)."""
+        if accelerator.is_main_process:
+            self.store(key, stage_dir)
+
     def store(self, key: str, stage_dir: Path) -> None:
         """Add the finished ``stage_dir`` under ``key`` (no-op when present); a failure only warns."""
         entry = self.root / key

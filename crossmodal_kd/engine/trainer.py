@@ -414,17 +414,16 @@ class Runner:
         key = self.stage_cache.key(self.fingerprints[stage.name]) if self.stage_cache else None
         # a stage that started training here finishes here; a restarted one trains afresh
         if key and not (sdir / "checkpoints").exists() and stage.name not in self.restart:
-            if self.accelerator.is_main_process and self.stage_cache.fetch(key, sdir):
+            if self.stage_cache.fetch_on_main(key, sdir, self.accelerator):
                 log.info("stage %s: finished copy reused from the stage cache (%s)", stage.name, self.stage_cache.root / key)
-            self.accelerator.wait_for_everyone()
             if result_file.is_file():
                 return json.loads(result_file.read_text())
         if self.accelerator.is_main_process:  # before the first epoch: what this stage's state will come from
             atomic_write_json(sdir / "fingerprint.json", self.fingerprints[stage.name])
         set_seed(stage_seed(self.cfg.seed, stage.name))
         result = StageTrainer(self.env, index, stage, sdir).train()
-        if key and self.accelerator.is_main_process:
-            self.stage_cache.store(key, sdir)
+        if key:
+            self.stage_cache.store_on_main(key, sdir, self.accelerator)
         return result
 
 
