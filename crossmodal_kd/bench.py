@@ -83,7 +83,8 @@ METRICS = ("test_accuracy", "test_macro_f1", "val_accuracy", "train_time_s", "sa
 
 
 class Row(Strict):
-    label: str
+    label: str = Field(description="a label in parentheses, e.g. '(teacher) multimodal', marks a context row: tabulated "
+                                   "and tested like any other, left out of the dose-response plot's gain panel")
     stage: str
     model: str = "student"
     cost_stages: list[str] = Field(default_factory=list, description="earlier stages whose training time the method also pays")
@@ -672,19 +673,27 @@ def routing_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def dose_response_table(summary: list[dict[str, Any]], sweep: str) -> str:
-    """Method rows x sweep-point columns: test accuracy mean [95 % CI] (one block per student variant)."""
+def dose_response_table(summary: list[dict[str, Any]], sweep: str, gain: bool = False) -> str:
+    """Method rows x sweep-point columns, one block per student variant: test accuracy mean [95 % CI], or with
+    ``gain`` the paired difference from the row's budget-matched no-KD student (pp, mean [95 % CI]; rows without
+    a reference are left out). ``*``: outside the noise after Holm, ``°``: nominal (the CI alone excludes 0)."""
     points = list(dict.fromkeys(r["point"] for r in summary))
     lines = [f"| student | method | " + " | ".join(f"{sweep} = {p}" for p in points) + " |",
              "|---|---|" + "---|" * len(points)]
     cell = {(r["method"], r["variant"], r["point"]): r for r in summary}
+    mark = lambda r: " *" if r.get("vs_reference_significant") else " °" if r.get("vs_reference_separated") else ""
     for variant in dict.fromkeys(r["variant"] for r in summary):
         for method in dict.fromkeys(r["method"] for r in summary if r["variant"] == variant):
-            values = []
-            for p in points:
-                r = cell.get((method, variant, p))
-                values.append("-" if r is None else f"{100 * r['test_accuracy_mean']:.2f} [{100 * r['test_accuracy_ci_low']:.2f}, "
-                              f"{100 * r['test_accuracy_ci_high']:.2f}]" + (" *" if r.get("vs_reference_significant") else ""))
+            rows = [cell.get((method, variant, p)) for p in points]
+            if gain and not any(r and r.get("vs_reference_n", 0) >= 2 for r in rows):
+                continue
+            if gain:
+                values = ["-" if not r or r.get("vs_reference_n", 0) < 2 else
+                          f"{100 * r['vs_reference_diff']:+.2f} [{100 * r['vs_reference_ci_low']:+.2f}, "
+                          f"{100 * r['vs_reference_ci_high']:+.2f}]" + mark(r) for r in rows]
+            else:
+                values = ["-" if r is None else f"{100 * r['test_accuracy_mean']:.2f} [{100 * r['test_accuracy_ci_low']:.2f}, "
+                          f"{100 * r['test_accuracy_ci_high']:.2f}]" + mark(r) for r in rows]
             lines.append(f"| {variant} | {method} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
@@ -700,7 +709,10 @@ def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
     if routing := routing_table(records):
         table += "\n\nRouting (last epoch of the routed stage):\n\n" + routing
     if sweep:
-        table += "\n\nDose-response (test accuracy, %, mean [95 % CI]; * outside the noise vs the no-KD student, after Holm):\n\n" + dose_response_table(summary, sweep)
+        table += ("\n\nDose-response (test accuracy, %, mean [95 % CI]; vs the no-KD student of the same budget: * outside "
+                  "the noise after Holm, ° nominal):\n\n" + dose_response_table(summary, sweep)
+                  + "\n\nDose-response, gain over the no-KD student of the same budget (pp, paired over (draw, seed): "
+                  "mean [95 % CI]):\n\n" + dose_response_table(summary, sweep, gain=True))
         _dose_response_plot(summary, sweep, out / "dose_response.png")
     if (out / "tuning.md").is_file():
         table += "\n\n" + (out / "tuning.md").read_text().strip()
@@ -724,18 +736,20 @@ def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
 
 
 @contextmanager
-def _panels(summary: list[dict[str, Any]], path: Path, width: float, height: float
+def _panels(summary: list[dict[str, Any]], path: Path, width: float, height: float, rows: int = 1
             ) -> Iterator[list[tuple[Any, str, list[dict[str, Any]]]]]:
-    """One matplotlib panel per student variant, with that variant's summary rows; saved to ``path``."""
+    """One matplotlib column per student variant, with that variant's summary rows; saved to ``path``. With
+    ``rows`` = 1 each column is one axis, else a tuple of ``rows`` axes (top first)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     variants = list(dict.fromkeys(r["variant"] for r in summary))
-    fig, axes = plt.subplots(1, len(variants), figsize=(width * len(variants), height), squeeze=False)
+    fig, axes = plt.subplots(rows, len(variants), figsize=(width * len(variants), height * rows), squeeze=False)
     try:
-        yield [(ax, v, [r for r in summary if r["variant"] == v]) for ax, v in zip(axes[0], variants)]
+        columns = [axes[0, i] if rows == 1 else tuple(axes[:, i]) for i in range(len(variants))]
+        yield [(ax, v, [r for r in summary if r["variant"] == v]) for ax, v in zip(columns, variants)]
         fig.tight_layout()
         fig.savefig(path, dpi=90)
     finally:
@@ -755,16 +769,27 @@ def _bar_chart(summary: list[dict[str, Any]], path: Path) -> None:
 
 
 def _dose_response_plot(summary: list[dict[str, Any]], sweep: str, path: Path) -> None:
-    with _panels(summary, path, 6, 4.2) as panels:
-        for ax, v, rs in panels:
+    """Top row: test accuracy vs the sweep knob; bottom row: each method's paired gain over its budget-matched
+    no-KD student (context rows, labelled in parentheses, left out: a teacher's gain would set the scale)."""
+    with _panels(summary, path, 6, 4.2, rows=2) as panels:
+        for (top, bottom), v, rs in panels:
             for method in dict.fromkeys(r["method"] for r in rs):
                 pts = [r for r in rs if r["method"] == method]
-                mean = [100 * r["test_accuracy_mean"] for r in pts]
-                err = [[m - 100 * r["test_accuracy_ci_low"] for m, r in zip(mean, pts)],
-                       [100 * r["test_accuracy_ci_high"] - m for m, r in zip(mean, pts)]]
-                ax.errorbar([float(r["point"]) for r in pts], mean, yerr=err, marker="o", capsize=3, label=method)
-            ax.set_xlabel(sweep)
-            ax.set_ylabel("test accuracy (%), mean and 95 % CI")
-            ax.set_title(f"student: {v}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+                _errorbar(top, pts, "test_accuracy_mean", "test_accuracy_ci_low", "test_accuracy_ci_high", method)
+                if not method.startswith("(") and (paired := [r for r in pts if r.get("vs_reference_n", 0) >= 2]):
+                    _errorbar(bottom, paired, "vs_reference_diff", "vs_reference_ci_low", "vs_reference_ci_high", method)
+            bottom.axhline(0.0, color="black", linewidth=0.8)
+            for ax, what in ((top, "test accuracy (%), mean and 95 % CI"),
+                             (bottom, "gain over the no-KD student of the\nsame budget (pp, paired mean, 95 % CI)")):
+                ax.set_xlabel(sweep)
+                ax.set_ylabel(what)
+                ax.set_title(f"student: {v}")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+
+
+def _errorbar(ax: Any, pts: list[dict[str, Any]], mean: str, low: str, high: str, label: str) -> None:
+    """``pts``' ``mean`` (a fraction) against their sweep points, in percent, with [``low``, ``high``] bars."""
+    m = [100 * r[mean] for r in pts]
+    err = [[v - 100 * r[low] for v, r in zip(m, pts)], [100 * r[high] - v for v, r in zip(m, pts)]]
+    ax.errorbar([float(r["point"]) for r in pts], m, yerr=err, marker="o", capsize=3, label=label)

@@ -219,6 +219,10 @@ def test_draws_and_sweep_points_pair_by_draw_and_seed_and_plot_the_dose_response
     assert "| student | shared | method |" in table.splitlines()[0]
     dose = table.split("Dose-response")[1]
     assert "| image | KD | " in dose and "shared = 0.0 | shared = 0.5" in dose
+    gain = table.split("gain over the no-KD student of the same budget")[1]
+    kd_gain = next(line for line in gain.splitlines() if line.startswith("| image | KD |"))
+    assert kd_gain.split(" | ")[2].startswith("+0.00 [+0.00, +0.00]") and kd_gain.split(" | ")[3].startswith("+5.00 [")
+    assert "| image | student only |" not in gain  # the reference has no gain over itself
     assert (tmp_path / "bench/dose_response.png").stat().st_size > 0
 
 
