@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from crossmodal_kd.config import (
     ConfigError, RunConfig, Strict, apply_override, folder_name, load_config, load_raw, read_dotted, validate_config,
@@ -155,6 +155,7 @@ class BenchConfig(Strict):
     tuning: Tuning | None = None
     variants: dict[str, list[str]] = Field(default_factory=lambda: {"default": []})
     experiments: list[Experiment] = Field(min_length=1)
+    _source: str = PrivateAttr("benchmark")  # the file it was loaded from, for error messages
 
     @field_validator("reference", mode="before")
     @classmethod
@@ -190,12 +191,14 @@ def load_bench(path: str | Path) -> BenchConfig:
     if not path.is_file():
         raise ConfigError(f"benchmark file not found: {path}")
     try:
-        return BenchConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+        bench = BenchConfig.model_validate(yaml.safe_load(path.read_text()) or {})
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     except ValidationError as exc:
         lines = [f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
         raise ConfigError("invalid benchmark\n  " + "\n  ".join(lines)) from None
+    bench._source = str(path)
+    return bench
 
 
 @dataclass(frozen=True)
@@ -248,7 +251,7 @@ def cells(bench: BenchConfig, draws: list[int] | None = None) -> list[Cell]:
     seeds = sorted({s for e in bench.experiments for s in (e.seeds or bench.seeds)})
     points = bench.sweep.values if bench.sweep else [None]
     if draws is not None and (unknown := sorted(set(draws) - set(bench.draws or []))):
-        raise ConfigError(f"draws {unknown} are not among the benchmark's draws ({bench.draws or 'none: no draws key'})")
+        raise ConfigError(f"{bench._source}: no data draw {', '.join(map(str, unknown))}; draws: {bench.draws or 'none (no draws key)'}")
     return [
         Cell(e, v, p, d, s)
         for s in seeds for d in (draws or bench.draws or [None]) for p in points

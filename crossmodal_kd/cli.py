@@ -178,9 +178,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"error: {args.bench_file}: no variant {', '.join(unknown)}; variants: {', '.join(bench.variants)}", file=sys.stderr)
             return 2
         bench.variants = {v: o for v, o in bench.variants.items() if v in args.variants}
-    if args.draws and (unknown := sorted(set(args.draws) - set(bench.draws or []))):
-        print(f"error: {args.bench_file}: no data draw {', '.join(map(str, unknown))}; draws: {bench.draws or 'none (no draws key)'}", file=sys.stderr)
-        return 2
     if args.output_dir:
         bench.output_dir = args.output_dir
     if args.no_archive:
