@@ -695,7 +695,8 @@ def dose_response_table(summary: list[dict[str, Any]], sweep: str, gain: bool = 
                           f"{100 * r['vs_reference_diff']:+.2f} [{100 * r['vs_reference_ci_low']:+.2f}, "
                           f"{100 * r['vs_reference_ci_high']:+.2f}]" + mark(r) for r in rows]
             else:
-                values = ["-" if r is None else f"{100 * r['test_accuracy_mean']:.2f} [{100 * r['test_accuracy_ci_low']:.2f}, "
+                values = ["-" if r is None else f"{100 * r['test_accuracy_mean']:.2f} (n=1)" if r["seeds"] < 2 else
+                          f"{100 * r['test_accuracy_mean']:.2f} [{100 * r['test_accuracy_ci_low']:.2f}, "
                           f"{100 * r['test_accuracy_ci_high']:.2f}]" + mark(r) for r in rows]
             lines.append(f"| {variant} | {method} | " + " | ".join(values) + " |")
     return "\n".join(lines)

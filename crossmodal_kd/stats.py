@@ -21,6 +21,11 @@ class Estimate:
     half_width: float
 
     @property
+    def constant(self) -> bool:
+        """Every value the same, up to float rounding (e.g. 0.8755 - 0.6245 and 0.8850 - 0.6340)."""
+        return self.n > 1 and self.std <= 1e-9 * max(1.0, abs(self.mean))
+
+    @property
     def low(self) -> float:
         return self.mean - self.half_width
 
@@ -42,15 +47,20 @@ def estimate(values: Sequence[float], level: float = 0.95) -> Estimate:
 
 @dataclass(frozen=True)
 class Paired:
-    """``a - b`` over matched pairs: its estimate and the two-sided paired t-test p-value."""
+    """``a - b`` over matched pairs: its estimate and the two-sided paired t-test p-value (the exact sign-flip
+    test's where every pair differs by the same amount, see :func:`paired`)."""
 
     diff: Estimate
     p_value: float
+    level: float = 0.95
 
     @property
     def separated(self) -> bool:
-        """True when the confidence interval of the mean difference excludes 0 (outside the noise)."""
-        return self.diff.n > 1 and (self.diff.low > 0 or self.diff.high < 0)
+        """True when the confidence interval of the mean difference excludes 0 (outside the noise). A zero-width
+        interval (identical differences) counts only where the exact test also rejects at the same level."""
+        if self.diff.n < 2 or not (self.diff.low > 0 or self.diff.high < 0):
+            return False
+        return not self.diff.constant or self.p_value < 1 - self.level
 
 
 def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Paired:
@@ -59,10 +69,13 @@ def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Paire
     diffs = [x - y for x, y in zip(a, b)]
     est = estimate(diffs, level)
     if est.n < 2:
-        return Paired(est, math.nan)
-    if est.std == 0:
-        return Paired(est, 1.0 if est.mean == 0 else 0.0)
-    return Paired(est, float(sps.ttest_rel(a, b).pvalue))
+        return Paired(est, math.nan, level)
+    if est.constant:
+        # Every pair differs by the same amount (test accuracies are discrete, so at a few seeds this happens by
+        # chance): the t statistic is undefined, not infinite. The exact sign-flip (permutation) test gives
+        # 2^(1 - n), the smallest p-value n pairs can give (0.5 at n = 2); 1 when every difference is 0.
+        return Paired(est, 1.0 if est.mean == 0 else min(1.0, 2.0 ** (1 - est.n)), level)
+    return Paired(est, float(sps.ttest_rel(a, b).pvalue), level)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

@@ -30,6 +30,18 @@ def test_paired_difference_and_p_value():
         paired([1.0], [1.0, 2.0])
 
 
+def test_identical_differences_get_the_exact_sign_flip_p_value_not_zero():
+    """Discrete accuracies make every pair differ by the same amount at a few seeds: the t-test is undefined
+    there, and two such pairs must not read as outside the noise."""
+    two = paired([0.8755, 0.8850], [0.6245, 0.6340])  # both +25.10 pp, up to float rounding
+    assert two.diff.constant and two.diff.low == pytest.approx(two.diff.high)
+    assert two.p_value == 0.5 and not two.separated
+    ten = paired([0.70] * 10, [0.65] * 10)
+    assert ten.p_value == pytest.approx(2.0 ** -9) and ten.separated
+    same = paired([0.6, 0.7], [0.6, 0.7])
+    assert same.p_value == 1.0 and not same.separated
+
+
 def test_summary_compares_each_row_with_the_reference_by_seed():
     acc = {"no KD": [0.60, 0.62, 0.61], "KD": [0.63, 0.66, 0.64], "other": [0.60, 0.63, 0.60]}
     records = [
