@@ -83,8 +83,8 @@ METRICS = ("test_accuracy", "test_macro_f1", "val_accuracy", "train_time_s", "sa
 
 
 class Row(Strict):
-    label: str = Field(description="a label in parentheses, e.g. '(teacher) multimodal', marks a context row: tabulated "
-                                   "and tested like any other, left out of the dose-response plot's gain panel")
+    label: str = Field(description="a label in parentheses, e.g. '(teacher) multimodal', marks a context row "
+                                   "(is_context): tabulated and tested like any other, left out of the dose-response gains")
     stage: str
     model: str = "student"
     cost_stages: list[str] = Field(default_factory=list, description="earlier stages whose training time the method also pays")
@@ -676,29 +676,47 @@ def routing_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def is_context(method: str) -> bool:
+    """A context row (its label in parentheses, e.g. '(teacher) multimodal'): tabulated and tested like any other
+    row, but not a method, so the dose-response gain table and plot leave it out."""
+    return method.startswith("(")
+
+
+def _mark(r: dict[str, Any]) -> str:
+    return " *" if r.get("vs_reference_significant") else " °" if r.get("vs_reference_separated") else ""
+
+
+def _accuracy_cell(r: dict[str, Any] | None) -> str | None:
+    if r is None:
+        return None
+    if r["seeds"] < 2:
+        return f"{100 * r['test_accuracy_mean']:.2f} (n=1)"
+    return (f"{100 * r['test_accuracy_mean']:.2f} [{100 * r['test_accuracy_ci_low']:.2f}, "
+            f"{100 * r['test_accuracy_ci_high']:.2f}]" + _mark(r))
+
+
+def _gain_cell(r: dict[str, Any] | None) -> str | None:
+    if r is None or is_context(r["method"]) or r.get("vs_reference_n", 0) < 2:
+        return None
+    return (f"{100 * r['vs_reference_diff']:+.2f} [{100 * r['vs_reference_ci_low']:+.2f}, "
+            f"{100 * r['vs_reference_ci_high']:+.2f}]" + _mark(r))
+
+
 def dose_response_table(summary: list[dict[str, Any]], sweep: str, gain: bool = False) -> str:
     """Method rows x sweep-point columns, one block per student variant: test accuracy mean [95 % CI], or with
-    ``gain`` the paired difference from the row's budget-matched no-KD student (pp, mean [95 % CI]; rows without
-    a reference are left out). ``*``: outside the noise after Holm, ``°``: nominal (the CI alone excludes 0)."""
+    ``gain`` the paired difference from the row's budget-matched no-KD student (pp, mean [95 % CI]). A row with
+    no cell to show (context rows and the references, for gains) is left out. ``*``: outside the noise after
+    Holm, ``°``: nominal (the CI alone excludes 0)."""
+    cell_text = _gain_cell if gain else _accuracy_cell
     points = list(dict.fromkeys(r["point"] for r in summary))
     lines = [f"| student | method | " + " | ".join(f"{sweep} = {p}" for p in points) + " |",
              "|---|---|" + "---|" * len(points)]
     cell = {(r["method"], r["variant"], r["point"]): r for r in summary}
-    mark = lambda r: " *" if r.get("vs_reference_significant") else " °" if r.get("vs_reference_separated") else ""
     for variant in dict.fromkeys(r["variant"] for r in summary):
         for method in dict.fromkeys(r["method"] for r in summary if r["variant"] == variant):
-            rows = [cell.get((method, variant, p)) for p in points]
-            if gain and not any(r and r.get("vs_reference_n", 0) >= 2 for r in rows):
-                continue
-            if gain:
-                values = ["-" if not r or r.get("vs_reference_n", 0) < 2 else
-                          f"{100 * r['vs_reference_diff']:+.2f} [{100 * r['vs_reference_ci_low']:+.2f}, "
-                          f"{100 * r['vs_reference_ci_high']:+.2f}]" + mark(r) for r in rows]
-            else:
-                values = ["-" if r is None else f"{100 * r['test_accuracy_mean']:.2f} (n=1)" if r["seeds"] < 2 else
-                          f"{100 * r['test_accuracy_mean']:.2f} [{100 * r['test_accuracy_ci_low']:.2f}, "
-                          f"{100 * r['test_accuracy_ci_high']:.2f}]" + mark(r) for r in rows]
-            lines.append(f"| {variant} | {method} | " + " | ".join(values) + " |")
+            values = [cell_text(cell.get((method, variant, p))) for p in points]
+            if any(v is not None for v in values):
+                lines.append(f"| {variant} | {method} | " + " | ".join(v or "-" for v in values) + " |")
     return "\n".join(lines)
 
 
@@ -780,7 +798,7 @@ def _dose_response_plot(summary: list[dict[str, Any]], sweep: str, path: Path) -
             for method in dict.fromkeys(r["method"] for r in rs):
                 pts = [r for r in rs if r["method"] == method]
                 _errorbar(top, pts, "test_accuracy_mean", "test_accuracy_ci_low", "test_accuracy_ci_high", method)
-                if not method.startswith("(") and (paired := [r for r in pts if r.get("vs_reference_n", 0) >= 2]):
+                if not is_context(method) and (paired := [r for r in pts if r.get("vs_reference_n", 0) >= 2]):
                     _errorbar(bottom, paired, "vs_reference_diff", "vs_reference_ci_low", "vs_reference_ci_high", method)
             bottom.axhline(0.0, color="black", linewidth=0.8)
             for ax, what in ((top, "test accuracy (%), mean and 95 % CI"),

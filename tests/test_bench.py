@@ -205,11 +205,15 @@ def test_draws_and_sweep_points_pair_by_draw_and_seed_and_plot_the_dose_response
             return {"stages": {"student_only": stage(base), "kd_mm": stage(base + 0.1 * p["shared"]), "teacher_mm": stage(0.9)}}
 
     monkeypatch.setattr(bench_module, "Runner", FakeRunner)
+    rows = [{"label": "student only", "stage": "student_only", "model": "model"},
+            {"label": "KD", "stage": "kd_mm", "model": "student"},
+            {"label": "(teacher) multimodal", "stage": "teacher_mm", "model": "model"}]
     bench = load_bench(bench_file(tmp_path, seeds=[0, 1], draws=[0, 1], reference="student only",
                                   sweep={"name": "shared", "key": "data.params.shared", "values": [0.0, 0.5]},
-                                  variants={"image": []}))
+                                  variants={"image": []},
+                                  experiments=[{"config": str(TEST_CONFIGS / "synthetic_kd.yaml"), "rows": rows}]))
     records = run_bench(bench, progress=False)
-    assert len(seen) == 2 * 2 * 2 and len(records) == 2 * len(seen)
+    assert len(seen) == 2 * 2 * 2 and len(records) == 3 * len(seen)
     assert (Path("synthetic_kd/image/shared0.5/draw1/seed0"), {"shared": 0.5, "seed": 1}, 0) in seen
     rows = {(r["method"], r["point"]): r for r in summarize(records, bench.reference)}
     kd = rows[("KD", 0.5)]
@@ -219,10 +223,12 @@ def test_draws_and_sweep_points_pair_by_draw_and_seed_and_plot_the_dose_response
     assert "| student | shared | method |" in table.splitlines()[0]
     dose = table.split("Dose-response")[1]
     assert "| image | KD | " in dose and "shared = 0.0 | shared = 0.5" in dose
+    assert "| image | (teacher) multimodal | 90.00 [" in dose.split("gain over")[0]
     gain = table.split("gain over the no-KD student of the same budget")[1]
     kd_gain = next(line for line in gain.splitlines() if line.startswith("| image | KD |"))
     assert kd_gain.split(" | ")[2].startswith("+0.00 [+0.00, +0.00]") and kd_gain.split(" | ")[3].startswith("+5.00 [")
     assert "| image | student only |" not in gain  # the reference has no gain over itself
+    assert "(teacher)" not in gain  # a context row is not a method: no gain row, no gain curve
     assert (tmp_path / "bench/dose_response.png").stat().st_size > 0
 
 
