@@ -39,7 +39,7 @@ def test_kd_with_cross_fitted_targets(tmp_path, capsys):
     run_config(raw, run)
     result = read_json(run / "stages" / "kd" / "result.json")
     assert result["targets"] == {"teacher": "served"} and result["teacher_live_batches"] == {"teacher": 0}
-    assert {k: v for k, v in result["cross_fit"].items() if k != "build_s"} == {"k": 2, "grouped": False, "stages": {"teacher": "teacher"}}
+    assert {k: v for k, v in result["cross_fit"].items() if k not in ("build_s", "fold_val_accuracy")} == {"k": 2, "grouped": False, "stages": {"teacher": "teacher"}}
     assert result["target_build_s"] >= result["cross_fit"]["build_s"] > 0  # fold training counted in the build
     folds_models = [load_model(run / "crossfit" / "teacher" / f"fold{f}" / "stages" / "teacher" / "models" / "model.pt")
                     for f in range(2)]
@@ -60,20 +60,22 @@ def test_kd_with_cross_fitted_targets(tmp_path, capsys):
     assert any(torch.allclose(t, plain, atol=1e-5) for t in matches.values())
     assert not torch.allclose(oof, plain, atol=1e-3)  # out-of-fold targets are not the full teacher's
 
-    # tools/crossfit_analysis.py pools the full teacher and its fold copies from a benchmark's run tree
+    # the stage's metrics keep each fold copy's validation accuracy, and tools/crossfit_analysis.py pools them
+    # next to the full teacher's from a benchmark's run tree (or archive: the same metrics)
+    fold_acc = [read_json(run / "crossfit" / "teacher" / f"fold{f}" / "stages" / "teacher" / "result.json")
+                ["models"]["model"]["val"]["accuracy"] for f in range(2)]
+    assert result["cross_fit"]["fold_val_accuracy"] == {"teacher": [{"model": a} for a in fold_acc]}
+    full_acc = read_json(run / "stages" / "teacher" / "result.json")["models"]["model"]["val"]["accuracy"]
     bench_run = tmp_path / "bench" / "crossfit" / "image" / "draw0" / "seed0"
     bench_run.parent.mkdir(parents=True)
     run.rename(bench_run)
     spec = importlib.util.spec_from_file_location("crossfit_analysis", REPO / "tools" / "crossfit_analysis.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    assert tool.main([str(tmp_path / "bench"), "teacher"]) == 0
-    fold_acc = [read_json(bench_run / "crossfit" / "teacher" / f"fold{f}" / "stages" / "teacher" / "result.json")
-                ["models"]["model"]["val"]["accuracy"] for f in range(2)]
-    full_acc = read_json(bench_run / "stages" / "teacher" / "result.json")["models"]["model"]["val"]["accuracy"]
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| image | model |"))
+    assert tool.main([str(tmp_path / "bench")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "| image | teacher | model |" in x)
     assert f"| {100 * full_acc:.2f} ± 0.00 (n=1) | {100 * sum(fold_acc) / 2:.2f} ± " in line and line.endswith("(n=2) |")
-    assert tool.main([str(tmp_path / "bench"), "collab"]) == 1  # no such cross-fitted stage: said, not a traceback
+    assert tool.main([str(tmp_path / "nothing")]) == 1  # no finished cross-fitted runs: said, not a traceback
 
 
 def test_cross_fit_needs_a_teacher_stage_of_this_run(tmp_path):

@@ -1,9 +1,10 @@
-"""Validation accuracy of the teachers behind cross-fitted targets: each model of the full teacher stage next to
-its K fold copies (each trained without one fold), from the finished runs of a cross-fitting benchmark. The
-paired cross-fitted - plain comparisons are in the benchmark's own table (its ``comparisons:``).
+"""Validation accuracy of the teachers behind cross-fitted targets: each full teacher stage next to its K fold
+copies (each trained without one fold), pooled over the finished runs of a cross-fitting benchmark, read from
+its results archive (or its run tree). The paired cross-fitted - plain comparisons are in the benchmark's own
+table (its ``comparisons:``).
 
-    python tools/crossfit_analysis.py                                   # configs/bench/crossfit.yaml: teacher_mm
-    python tools/crossfit_analysis.py runs/bench/crossfit_mst collab    # configs/bench/crossfit_mst.yaml: stage 1
+    python tools/crossfit_analysis.py                         # results/crossfit and results/crossfit_mst
+    python tools/crossfit_analysis.py runs/bench/crossfit     # a run tree (each run's metrics.json)
 """
 
 from __future__ import annotations
@@ -11,38 +12,57 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from crossmodal_kd.stats import estimate
 
 
-def val_accuracies(result: Path) -> dict[str, float]:
-    return {m: r["val"]["accuracy"] for m, r in json.loads(result.read_text())["models"].items()}
+def run_metrics(root: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(variant, stage metrics) of every finished run under ``root``: an archive's
+    ``<experiment>/<variant>/[draw<d>/]seed<k>.json`` or a run tree's ``.../seed<k>/metrics.json``."""
+    runs = []
+    for path in sorted(root.glob("**/*.json")):
+        if not (path.name == "metrics.json" or path.stem.startswith("seed")):
+            continue
+        data = json.loads(path.read_text())
+        stages = data.get("metrics", data).get("stages")
+        if isinstance(stages, dict):
+            runs.append((path.relative_to(root).parts[1], stages))
+    return runs
+
+
+def pooled(root: Path) -> dict[tuple[str, str, str], tuple[list[float], list[float]]]:
+    """{(variant, teacher stage, model): (full teacher val accuracies, fold copies' val accuracies)}, each
+    teacher stage counted once per run however many stages read its cross-fitted targets."""
+    table: dict[tuple[str, str, str], tuple[list[float], list[float]]] = {}
+    for variant, stages in run_metrics(root):
+        folds_of = {}
+        for metrics in stages.values():
+            folds_of.update((metrics.get("cross_fit") or {}).get("fold_val_accuracy", {}))
+        for teacher, folds in folds_of.items():
+            for model, result in stages.get(teacher, {}).get("models", {}).items():
+                full, copies = table.setdefault((variant, teacher, model), ([], []))
+                full.append(result["val"]["accuracy"])
+                copies.extend(f[model] for f in folds if model in f)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bench_dir", nargs="?", default="runs/bench/crossfit", type=Path)
-    parser.add_argument("stage", nargs="?", default="teacher_mm", help="the cross-fitted teacher stage")
+    parser.add_argument("roots", nargs="*", type=Path, default=[Path("results/crossfit"), Path("results/crossfit_mst")])
     args = parser.parse_args(argv)
-    runs = sorted(p.parents[1] for p in args.bench_dir.glob(f"**/seed*/crossfit/{args.stage}"))
-    if not runs:
-        print(f"no finished cross-fitted runs of stage '{args.stage}' under {args.bench_dir}")
+    lines = []
+    for root in args.roots:
+        for (variant, teacher, model), (full, copies) in pooled(root).items():
+            f, g = estimate(full), estimate(copies)
+            lines.append(f"| {root} | {variant} | {teacher} | {model} | {100 * f.mean:.2f} ± {100 * f.std:.2f} (n={f.n}) | "
+                         f"{100 * g.mean:.2f} ± {100 * g.std:.2f} (n={g.n}) |")
+    if not lines:
+        print(f"no finished runs with cross-fitted targets under {', '.join(map(str, args.roots))}")
         return 1
-    by_variant: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
-    for run in runs:
-        variant = run.relative_to(args.bench_dir).parts[1]  # <experiment>/<variant>/[draw<d>/]seed<k>
-        full = val_accuracies(run / "stages" / args.stage / "result.json")
-        folds = [val_accuracies(p) for p in sorted(run.glob(f"crossfit/{args.stage}/fold*/stages/{args.stage}/result.json"))]
-        for model, acc in full.items():
-            pooled = by_variant.setdefault(variant, {}).setdefault(model, ([], []))
-            pooled[0].append(acc)
-            pooled[1].extend(f[model] for f in folds if model in f)
-    print("| student | model | full teacher val acc (%) | fold copies val acc (%) |\n|---|---|---:|---:|")
-    for variant, models in by_variant.items():
-        for model, (full, folds) in models.items():
-            f, g = estimate(full), estimate(folds)
-            print(f"| {variant} | {model} | {100 * f.mean:.2f} ± {100 * f.std:.2f} (n={f.n}) | "
-                  f"{100 * g.mean:.2f} ± {100 * g.std:.2f} (n={g.n}) |")
+    print("| runs | student | teacher stage | model | full teacher val acc (%) | fold copies val acc (%) |\n"
+          "|---|---|---|---|---:|---:|")
+    print("\n".join(lines))
     return 0
 
 

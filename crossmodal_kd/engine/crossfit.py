@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import random
 import time
@@ -74,7 +75,7 @@ def fill_out_of_fold(trainer: Any, k: int) -> dict[str, Any]:
     labels = np.asarray(train.labels)
     groups = getattr(train, "groups", None)
     folds = fold_assignment(labels, None if groups is None else np.asarray(groups), k, env.cfg.seed)
-    info: dict[str, Any] = {"k": k, "grouped": groups is not None, "stages": {}}
+    info: dict[str, Any] = {"k": k, "grouped": groups is not None, "stages": {}, "fold_val_accuracy": {}}
     started = time.perf_counter()
     store = TargetStore(Path(env.run_dir) / "targets", acc.device)
     for call in calls:
@@ -95,8 +96,21 @@ def fill_out_of_fold(trainer: Any, k: int) -> dict[str, Any]:
                 raise RuntimeError(f"cross-fitted target table {table.path} built by the main process is unreadable")
         call.tables["train"] = table
         info["stages"][call.name] = stage_name
+        info["fold_val_accuracy"][stage_name] = _fold_val_accuracies(env.run_dir, stage_name, k)
     info["build_s"] = round(time.perf_counter() - started, 3)  # fold training + out-of-fold passes
     return info
+
+
+def _fold_val_accuracies(run_dir: str | Path, stage: str, k: int) -> list[dict[str, float]]:
+    """Each fold copy's validation accuracy per model, in fold order (copies not trained here are left out), so
+    the run's metrics (and a benchmark's archive) say how much weaker the teachers behind the targets are."""
+    accuracies = []
+    for fold in range(k):
+        result = stage_dir(Path(run_dir) / "crossfit" / stage / f"fold{fold}", stage) / "result.json"
+        if result.is_file():
+            models = json.loads(result.read_text())["models"]
+            accuracies.append({m: r["val"]["accuracy"] for m, r in models.items() if "val" in r})
+    return accuracies
 
 
 def train_fold(trainer: Any, stage: Any, fold: int, train_idx: np.ndarray, model: str) -> Path:
