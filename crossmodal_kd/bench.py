@@ -795,11 +795,16 @@ def _dose_response_plot(summary: list[dict[str, Any]], sweep: str, path: Path) -
     no-KD student (context rows, labelled in parentheses, left out: a teacher's gain would set the scale)."""
     with _panels(summary, path, 6, 4.2, rows=2) as panels:
         for (top, bottom), v, rs in panels:
-            for method in dict.fromkeys(r["method"] for r in rs):
+            methods = list(dict.fromkeys(r["method"] for r in rs))
+            points = sorted({float(r["point"]) for r in rs})
+            spread = 0.3 * min((b - a for a, b in zip(points, points[1:])), default=1.0)
+            for i, method in enumerate(methods):
                 pts = [r for r in rs if r["method"] == method]
-                _errorbar(top, pts, "test_accuracy_mean", "test_accuracy_ci_low", "test_accuracy_ci_high", method)
+                # one colour per method in both panels; methods side by side at each point, so the bars do not overlap
+                style = {"label": method, "color": f"C{i % 10}", "shift": spread * (i / max(len(methods) - 1, 1) - 0.5)}
+                _errorbar(top, pts, "test_accuracy_mean", "test_accuracy_ci_low", "test_accuracy_ci_high", **style)
                 if not is_context(method) and (paired := [r for r in pts if r.get("vs_reference_n", 0) >= 2]):
-                    _errorbar(bottom, paired, "vs_reference_diff", "vs_reference_ci_low", "vs_reference_ci_high", method)
+                    _errorbar(bottom, paired, "vs_reference_diff", "vs_reference_ci_low", "vs_reference_ci_high", **style)
             bottom.axhline(0.0, color="black", linewidth=0.8)
             for ax, what in ((top, "test accuracy (%), mean and 95 % CI"),
                              (bottom, "gain over the no-KD student of the\nsame budget (pp, paired mean, 95 % CI)")):
@@ -810,8 +815,9 @@ def _dose_response_plot(summary: list[dict[str, Any]], sweep: str, path: Path) -
                 ax.legend(fontsize=7)
 
 
-def _errorbar(ax: Any, pts: list[dict[str, Any]], mean: str, low: str, high: str, label: str) -> None:
-    """``pts``' ``mean`` (a fraction) against their sweep points, in percent, with [``low``, ``high``] bars."""
+def _errorbar(ax: Any, pts: list[dict[str, Any]], mean: str, low: str, high: str, label: str, color: str,
+              shift: float = 0.0) -> None:
+    """``pts``' ``mean`` (a fraction) against their sweep points (+ ``shift``), in percent, with [``low``, ``high``] bars."""
     m = [100 * r[mean] for r in pts]
     err = [[v - 100 * r[low] for v, r in zip(m, pts)], [100 * r[high] - v for v, r in zip(m, pts)]]
-    ax.errorbar([float(r["point"]) for r in pts], m, yerr=err, marker="o", capsize=3, label=label)
+    ax.errorbar([float(r["point"]) + shift for r in pts], m, yerr=err, marker="o", capsize=3, label=label, color=color)
