@@ -15,6 +15,7 @@ from crossmodal_kd.config import validate_config
 from crossmodal_kd.data import build_dataset
 from crossmodal_kd.models.io import load_model
 from crossmodal_kd.engine.crossfit import fold_assignment
+from crossmodal_kd.engine.results_archive import ResultsArchive
 
 
 def test_folds_are_stratified_grouped_and_cover_every_sample():
@@ -75,6 +76,9 @@ def test_kd_with_cross_fitted_targets(tmp_path, capsys):
     assert tool.main([str(tmp_path / "bench")]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "| image | teacher | model |" in x)
     assert f"| {100 * full_acc:.2f} ± 0.00 (n=1) | {100 * sum(fold_acc) / 2:.2f} ± " in line and line.endswith("(n=2) |")
+    ResultsArchive(tmp_path / "archive").store("crossfit/image/draw0/seed0", bench_run, {})
+    assert tool.main([str(tmp_path / "archive")]) == 0  # the same pooled line from the benchmark's archive
+    assert next(x for x in capsys.readouterr().out.splitlines() if "| image | teacher | model |" in x).endswith(line.split("|", 2)[2])
     assert tool.main([str(tmp_path / "nothing")]) == 1  # no finished cross-fitted runs: said, not a traceback
 
 

@@ -14,21 +14,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from crossmodal_kd.engine.results_archive import ResultsArchive
 from crossmodal_kd.stats import estimate
 
 
 def run_metrics(root: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(variant, stage metrics) of every finished run under ``root``: an archive's
-    ``<experiment>/<variant>/[draw<d>/]seed<k>.json`` or a run tree's ``.../seed<k>/metrics.json``."""
-    runs = []
-    for path in sorted(root.glob("**/*.json")):
-        if not (path.name == "metrics.json" or path.stem.startswith("seed")):
-            continue
-        data = json.loads(path.read_text())
-        stages = data.get("metrics", data).get("stages")
-        if isinstance(stages, dict):
-            runs.append((path.relative_to(root).parts[1], stages))
-    return runs
+    """(variant, stage metrics) of every finished run under ``root``: a results archive's entries
+    (``<experiment>/<variant>/[draw<d>/]seed<k>``), or a run tree's ``.../seed<k>/metrics.json``."""
+    trees = [(p.relative_to(root).parent.as_posix(), json.loads(p.read_text())) for p in sorted(root.glob("**/metrics.json"))]
+    return [(run.split("/")[1], metrics["stages"]) for run, metrics in trees or ResultsArchive(root).entries()]
 
 
 def pooled(root: Path) -> dict[tuple[str, str, str], tuple[list[float], list[float]]]:

@@ -136,6 +136,11 @@ class ResultsArchive:
         entry = self._read(self.path(run))
         return entry["metrics"] if entry is not None and entry.get("config") == digest(config) else None
 
+    def entries(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(run, metrics)`` of every readable entry, sorted by run (e.g. 'crossfit/image/draw0/seed3')."""
+        found = ((path.relative_to(self.root).with_suffix("").as_posix(), self._read(path)) for path in sorted(self.root.glob("**/*.json")))
+        return [(run, entry["metrics"]) for run, entry in found if entry is not None and "metrics" in entry]
+
     def provenance(self, runs: list[str]) -> dict[str, int]:
         """``{commit or code hash: number of runs}`` over the archived ``runs``."""
         return self._count(runs, lambda entry: [entry.get("commit") or f"code {entry.get('code')}"])
