@@ -740,7 +740,7 @@ def write_reports(bench: BenchConfig, records: list[dict[str, Any]]) -> str:
         table += "\n\n" + (out / "tuning.md").read_text().strip()
     archive, archived = (ResultsArchive(bench.archive), sorted({r["run"] for r in records})) if bench.archive else (None, [])
     if archive is not None and (versions := archive.provenance(archived)):
-        table += (f"\n\nArchived runs ({bench.archive}) by the code that trained them: "
+        table += (f"\n\nArchived runs ({bench.archive}) by the code that trained their stages: "
                   + ", ".join(f"{v} ({_runs(n)})" for v, n in sorted(versions.items())))
         if builds := archive.data_builds(archived):
             table += ("; by the dataset build they read (byte checksums: each data draw is its own build, and the same "

@@ -331,6 +331,15 @@ def test_results_archive_replaces_finished_runs_and_notices_a_changed_stage(tmp_
     entry = json.loads((archive / "synthetic_kd/image/seed0.json").read_text())
     assert set(entry["fingerprints"]) == {"teacher_mm", "student_only", "kd_mm"} and entry["code"]
     assert entry["metrics"]["stages"]["kd_mm"]["models"]["student"]["test"]["accuracy"] == records[1]["test_accuracy"]
+    # each stage names the code that trained it; a run resumed by another commit counts under both
+    from crossmodal_kd.engine.results_archive import ResultsArchive, trained_by
+    assert {s["code"]["code"] for s in entry["metrics"]["stages"].values()} == {entry["code"]}
+    this = trained_by(entry)
+    assert len(this) == 1 and ResultsArchive(archive).provenance(["synthetic_kd/image/seed0"]) == {this[0]: 1}
+    resumed = json.loads(json.dumps(entry))
+    resumed["metrics"]["stages"]["kd_mm"]["code"] = {"code": "0123456789ab", "commit": "abc1234"}
+    del resumed["metrics"]["stages"]["teacher_mm"]["code"]  # archived before stages recorded it: the run's own
+    assert trained_by(resumed) == sorted([this[0], "abc1234"])
 
     # a clean clone: no run directories, only the archive -> nothing trains, same numbers, provenance listed
     import shutil

@@ -5,7 +5,8 @@ One small JSON file per run, at the run's path under the benchmark's ``output_di
 <variant>/.../seed<k>.json``): the run's ``metrics.json``, a hash of every stage's fingerprint (config, networks,
 data recipe, seed, precision, world size, and the stages it depends on; :mod:`crossmodal_kd.engine.fingerprint`),
 the checksums of the dataset builds it read, a hash of the resolved config, and the code that produced it (the
-package's source hash and, where the package sits in a git checkout, the commit). No weights or checkpoints.
+package's source hash and, where the package sits in a git checkout, the commit; each stage's result also names
+the code that trained that stage, which differs when a run was resumed by later code). No weights or checkpoints.
 
 The hash leaves out the built dataset's byte checksum and keeps its recipe (the cache name, which hashes the
 dataset version and every build parameter): a dataset built from one recipe on another CPU differs in float
@@ -81,6 +82,17 @@ def code_version() -> dict[str, str]:
     return out
 
 
+def trained_by(entry: dict[str, Any]) -> list[str]:
+    """The commits (or code hashes) that trained an archived run's stages, sorted: each stage's result
+    names its own (``code``); a stage from before that field counts under the entry's run-level code."""
+    def name(code: dict[str, Any]) -> str:
+        return code.get("commit") or f"code {code.get('code')}"
+
+    run_level = name(entry)
+    stages = (entry.get("metrics") or {}).get("stages") or {}
+    return sorted({name(r["code"]) if isinstance(r.get("code"), dict) else run_level for r in stages.values()} or {run_level})
+
+
 class ResultsArchive:
     """``root/<run path>.json`` per finished run."""
 
@@ -99,10 +111,10 @@ class ResultsArchive:
             log.warning("results archive: %s not archived: stages %s have no fingerprint.json", run_dir, ", ".join(missing))
             return
         environment = run_dir / "environment.json"  # the code that trained it (runs older than this field: the current)
-        trained_by = json.loads(environment.read_text()).get("code") if environment.is_file() else None
+        run_code = json.loads(environment.read_text()).get("code") if environment.is_file() else None
         fingerprints = {stage: json.loads(f.read_text()) for stage, f in files.items()}
         entry = {
-            **(trained_by or code_version()),
+            **(run_code or code_version()),
             "config": digest(config),
             "data": sorted(set().union(*map(data_checksums, fingerprints.values()))),
             "fingerprints": {stage: recipe_digest(fp) for stage, fp in fingerprints.items()},
@@ -142,8 +154,9 @@ class ResultsArchive:
         return [(run, entry["metrics"]) for run, entry in found if entry is not None and "metrics" in entry]
 
     def provenance(self, runs: list[str]) -> dict[str, int]:
-        """``{commit or code hash: number of runs}`` over the archived ``runs``."""
-        return self._count(runs, lambda entry: [entry.get("commit") or f"code {entry.get('code')}"])
+        """``{commit or code hash: number of runs with a stage it trained}`` over the archived ``runs`` (a run
+        resumed by later code counts under each commit that trained one of its stages)."""
+        return self._count(runs, trained_by)
 
     def data_builds(self, runs: list[str]) -> dict[str, int]:
         """``{dataset byte checksum (12 digits): number of runs that read it}`` over the archived ``runs`` (entries

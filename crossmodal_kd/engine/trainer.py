@@ -634,6 +634,7 @@ class StageTrainer:
             "teacher_live_batches": live_batches(self.core.teacher_calls()),
             "peak_memory_mb": _peak_memory_mb(self.acc.device),
             "epochs": self.epochs,
+            "code": code_version(),  # the code that trained this stage (result.json travels with a stage-cache copy)
             **self.core.result_info(rows),
         }
         if self.acc.is_main_process:
