@@ -631,7 +631,8 @@ def markdown_table(summary: list[dict[str, Any]], reference: list[str] | str | N
 
 def _versus(r: dict[str, Any], references: list[str]) -> str:
     if references and r["method"] not in references and r.get("reference") is None:
-        return f"no budget-matched reference ({r['student_epochs']} student epochs)"
+        # a context row (a teacher) trains no student: without a reference of its epochs it is simply not compared
+        return "-" if is_context(r["method"]) else f"no budget-matched reference ({r['student_epochs']} student epochs)"
     if r.get("vs_reference_n", 0) < 2:
         return "-"
     verdict = _verdict(r["vs_reference_separated"], r["vs_reference_significant"], short=True)

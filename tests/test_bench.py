@@ -177,12 +177,14 @@ def test_rows_are_compared_with_the_reference_of_their_student_budget():
     records += [_record("mst", s, 0.63 + 0.01 * s + (0.001 if s % 2 else -0.001), epochs=40) for s in range(4)]
     records += [_record("official", s, 0.50, epochs=101, optimizer="adam") for s in range(4)]
     records += [_record("kd", s, 0.605 + 0.01 * s, optimizer="adam") for s in range(4)]
+    records += [_record("(teacher) views", s, 0.70, epochs=15) for s in range(4)]
     rows = {r["method"]: r for r in summarize(records, ["none20", "none40"])}
     assert rows["mst"]["reference"] == "none40" and abs(rows["mst"]["vs_reference_diff"] - 0.01) < 1e-9
     assert rows["kd"]["reference"] == "none20" and abs(rows["kd"]["vs_reference_diff"] - 0.005) < 1e-9
     assert rows["official"]["reference"] is None and "vs_reference_diff" not in rows["official"]
     table = markdown_table(list(rows.values()), ["none20", "none40"])
     assert "| official | 101 | 4 |" in table and "no budget-matched reference (101 student epochs)" in table
+    assert "| (teacher) views | 15 | 4 | 70.00 ± 0.00 | [70.00, 70.00] | - |" in table  # a context row is not a student
     assert "| mst | 40 | 4 | 64.50 ± " in table and "vs none40" in table
     assert "- image: 'kd' uses optimizer adam, its reference adamw" in table
 
